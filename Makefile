@@ -1,0 +1,46 @@
+# The two set-up commands:  make demo   and   make test
+# Both install first (Python venv in .venv, JVM jars in jvm/lib via Maven); a second install is a no-op.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODEL_PACKAGE := pneumonia-model-package==0.3.0
+
+.PHONY: install demo test test-unit lint bench clean
+
+install: $(VENV)/.installed jvm/lib/.resolved
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cxr-stream needs Python 3.11+")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# The demo model and sample X-rays; its declared dependencies pin ancient versions, so none are taken.
+	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	touch $@
+
+jvm/lib/.resolved: $(VENV)/.installed jvm/pom.xml jvm/kafka/pom.xml jvm/spark/pom.xml
+	@command -v java >/dev/null || { echo "cxr-stream needs Java 17 on PATH"; exit 1; }
+	@command -v mvn >/dev/null || { echo "cxr-stream needs Maven on PATH"; exit 1; }
+	mvn -B -q -f jvm/pom.xml package -Dspark.version=$$($(BIN)/python -c 'import pyspark; print(pyspark.__version__)')
+	touch $@
+
+demo: install
+	$(BIN)/cxr demo
+
+test: install
+	$(BIN)/pytest
+
+test-unit: install
+	$(BIN)/pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python -m bench.throughput
+
+clean:
+	rm -rf $(VENV) jvm/lib jvm/target jvm/*/target .cxr .pytest_cache .mypy_cache .ruff_cache

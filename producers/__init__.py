@@ -1,0 +1,1 @@
+"""Event feeds that announce new images as references on the input topic."""

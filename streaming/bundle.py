@@ -1,0 +1,312 @@
+"""Model bundles: a TensorFlow model plus the descriptor that says how to serve it.
+
+A bundle is a directory holding `bundle.json` and the model (a `.keras` file or a SavedModel folder). The
+descriptor names everything the model was trained with (input size, channels, resampling, scaling), its
+output activation, its labels and the triage rules. Loading validates the descriptor against the model and
+fails loudly when they disagree: serving a model with the wrong preprocessing is silent and dangerous.
+
+The driver packs a bundle into a `BundleArchive` (plain bytes, broadcast once to the executors); each Python
+worker unpacks and loads it once and keeps it across micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from streaming.preprocess import InputSpec, Resample, Scaling
+from streaming.triage import TriageRules
+
+DESCRIPTOR_NAME = "bundle.json"
+log = logging.getLogger(__name__)
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be served as described."""
+
+
+class Activation(StrEnum):
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+    NONE = "none"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelRef(_Frozen):
+    #: Relative to the bundle folder, absolute, or `pkg:<package>/<path>` inside an installed package.
+    path: str
+    format: Literal["keras", "savedmodel"] = "keras"
+
+
+class InputDescriptor(_Frozen):
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[1, 3] = 3
+    resample: Resample = Resample.NEAREST
+
+
+class PreprocessingDescriptor(_Frozen):
+    scheme: Literal["none", "unit", "xception", "inception", "tf", "torch", "imagenet", "custom"] = "none"
+    scale: float = 1.0
+    offset: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+class OutputDescriptor(_Frozen):
+    activation: Activation = Activation.NONE
+
+
+class Descriptor(_Frozen):
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    description: str = ""
+    model: ModelRef
+    labels: tuple[str, ...] = Field(min_length=1)
+    normal_labels: tuple[str, ...] = ()
+    input: InputDescriptor
+    preprocessing: PreprocessingDescriptor = PreprocessingDescriptor()
+    output: OutputDescriptor = OutputDescriptor()
+    triage: TriageRules = TriageRules()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Descriptor:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        unknown = [lbl for lbl in self.normal_labels if lbl not in self.labels]
+        unknown += [t.label for t in self.triage.thresholds if t.label not in self.labels]
+        if unknown:
+            raise ValueError(f"labels not among the model's labels: {unknown}")
+        return self
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(self.input.height, self.input.width, self.input.channels, self.input.resample)
+
+    @property
+    def scaling(self) -> Scaling:
+        p = self.preprocessing
+        return Scaling(p.scheme, p.scale, p.offset, p.mean, p.std)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version}
+
+
+def read_descriptor(bundle_dir: Path) -> Descriptor:
+    path = Path(bundle_dir) / DESCRIPTOR_NAME
+    try:
+        return Descriptor.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise BundleError(f"no {DESCRIPTOR_NAME} in model bundle {bundle_dir}") from None
+    except ValidationError as exc:
+        raise BundleError(f"invalid {path}: {exc}") from None
+
+
+def resolve_model_path(descriptor: Descriptor, bundle_dir: Path) -> Path:
+    ref = descriptor.model.path
+    if ref.startswith("pkg:"):
+        package, _, inner = ref[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise BundleError(
+                f"bundle {descriptor.name} needs the package {package!r}: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / inner
+    else:
+        path = Path(ref) if os.path.isabs(ref) else Path(bundle_dir) / ref
+    if not path.exists():
+        raise BundleError(f"bundle {descriptor.name}: model file not found: {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class BundleArchive:
+    """A bundle as bytes: what the driver broadcasts. `digest` identifies it in worker caches."""
+
+    descriptor_json: str
+    model_format: str
+    model_filename: str
+    model_bytes: bytes
+    digest: str
+
+    @property
+    def descriptor(self) -> Descriptor:
+        return Descriptor.model_validate_json(self.descriptor_json)
+
+
+def pack(bundle_dir: Path) -> BundleArchive:
+    descriptor = read_descriptor(bundle_dir)
+    model_path = resolve_model_path(descriptor, bundle_dir)
+    if model_path.is_dir():
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.add(model_path, arcname=model_path.name)
+        data = buffer.getvalue()
+    else:
+        data = model_path.read_bytes()
+    descriptor_json = descriptor.model_dump_json()
+    digest = hashlib.sha256(descriptor_json.encode() + data).hexdigest()[:16]
+    return BundleArchive(descriptor_json, descriptor.model.format, model_path.name, data, digest)
+
+
+def _activate(logits: np.ndarray, activation: Activation) -> np.ndarray:
+    x = logits.astype(np.float64)
+    if activation is Activation.SOFTMAX:
+        x = np.exp(x - x.max(axis=1, keepdims=True))
+        return x / x.sum(axis=1, keepdims=True)
+    if activation is Activation.SIGMOID:
+        return 1.0 / (1.0 + np.exp(-x))
+    return np.clip(x, 0.0, 1.0)
+
+
+class LoadedBundle:
+    """A model ready to predict, with its descriptor. Thread-safe `predict`; one per Python worker."""
+
+    def __init__(self, descriptor: Descriptor, infer: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.descriptor = descriptor
+        self._infer = infer
+        self._lock = threading.Lock()
+
+    def predict(self, batch: np.ndarray, batch_size: int) -> np.ndarray:
+        """Probabilities, shape (n, labels), predicting in chunks of `batch_size` through the compiled graph."""
+        outputs = []
+        with self._lock:
+            for start in range(0, len(batch), batch_size):
+                chunk = np.ascontiguousarray(batch[start : start + batch_size], dtype=np.float32)
+                outputs.append(np.asarray(self._infer(chunk)))
+        logits = np.concatenate(outputs) if outputs else np.zeros((0, len(self.descriptor.labels)))
+        return _activate(logits, self.descriptor.output.activation)
+
+    def warm_up(self, batch_size: int) -> None:
+        """One dummy prediction, so graph tracing is paid before the first real image."""
+        spec = self.descriptor.input
+        self.predict(np.zeros((min(batch_size, 2), spec.height, spec.width, spec.channels), np.float32), batch_size)
+
+
+def _compiled_keras(model: Any, descriptor: Descriptor) -> Callable[[np.ndarray], np.ndarray]:
+    import tensorflow as tf
+
+    spec = descriptor.input
+    signature = [tf.TensorSpec([None, spec.height, spec.width, spec.channels], tf.float32)]
+
+    @tf.function(input_signature=signature, reduce_retracing=True)
+    def infer(x: Any) -> Any:
+        return model(x, training=False)
+
+    return lambda batch: infer(tf.convert_to_tensor(batch)).numpy()
+
+
+def _validate(descriptor: Descriptor, input_shape: Any, output_shape: Any) -> None:
+    spec = descriptor.input
+    expected_in = (spec.height, spec.width, spec.channels)
+    got_in = tuple(input_shape[1:]) if input_shape is not None else None
+    if got_in is not None and any(g is not None and g != e for g, e in zip(got_in, expected_in, strict=False)):
+        raise BundleError(
+            f"bundle {descriptor.name}: descriptor input {expected_in} does not match the model's input {got_in}"
+        )
+    n_out = output_shape[-1] if output_shape is not None else None
+    if n_out is not None and n_out != len(descriptor.labels):
+        raise BundleError(
+            f"bundle {descriptor.name}: the model has {n_out} outputs but the descriptor names "
+            f"{len(descriptor.labels)} labels"
+        )
+
+
+@contextlib.contextmanager
+def _native_stderr_muted() -> Iterator[None]:
+    """TensorFlow's C++ start-up banner goes straight to fd 2, past TF_CPP_MIN_LOG_LEVEL; hide just that.
+
+    Python exceptions raised meanwhile still propagate with their messages.
+    """
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def import_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _native_stderr_muted():
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+
+
+def load_model_file(descriptor: Descriptor, model_path: Path) -> LoadedBundle:
+    """Load and validate the TensorFlow model behind a descriptor."""
+    import_tensorflow()
+    if descriptor.model.format == "keras":
+        import keras
+
+        model = keras.models.load_model(model_path, compile=False)
+        _validate(descriptor, model.input_shape, model.output_shape)
+        return LoadedBundle(descriptor, _compiled_keras(model, descriptor))
+
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(model_path))
+    fn = loaded.signatures["serving_default"]
+    (in_spec,) = fn.structured_input_signature[1].values()
+    (out_spec,) = fn.structured_outputs.values()
+    _validate(descriptor, in_spec.shape.as_list(), out_spec.shape.as_list())
+    input_name = next(iter(fn.structured_input_signature[1]))
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        (out,) = fn(**{input_name: tf.convert_to_tensor(batch)}).values()
+        return out.numpy()  # type: ignore[no-any-return]
+
+    return LoadedBundle(descriptor, infer)
+
+
+def load(bundle_dir: Path) -> LoadedBundle:
+    descriptor = read_descriptor(bundle_dir)
+    return load_model_file(descriptor, resolve_model_path(descriptor, bundle_dir))
+
+
+_worker_cache: dict[str, LoadedBundle] = {}
+_worker_lock = threading.Lock()
+
+
+def load_archive(archive: BundleArchive) -> LoadedBundle:
+    """The archive's model, loaded once per process and kept (Spark reuses Python workers across batches)."""
+    with _worker_lock:
+        cached = _worker_cache.get(archive.digest)
+        if cached is not None:
+            return cached
+        # Kept for the life of the worker: a SavedModel may read its assets lazily.
+        tmp = tempfile.mkdtemp(prefix=f"cxr-bundle-{archive.digest}-")
+        target = Path(tmp) / archive.model_filename
+        if archive.model_format == "savedmodel":
+            with tarfile.open(fileobj=io.BytesIO(archive.model_bytes)) as tar:
+                tar.extractall(tmp, filter="data")
+        else:
+            target.write_bytes(archive.model_bytes)
+        loaded = load_model_file(archive.descriptor, target)
+        log.info("loaded model bundle %s %s in worker %d", loaded.descriptor.name, loaded.descriptor.version,
+                 os.getpid())
+        _worker_cache[archive.digest] = loaded
+        return loaded

@@ -1,0 +1,206 @@
+"""`cxr`: the one command line. Flags override the environment, which overrides the config file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from streaming import logs
+from streaming.settings import Settings
+
+log = logging.getLogger("cxr")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (also CXR_CONFIG_FILE)")
+    parser.add_argument("--log-level", default="INFO", help="console log level (default INFO)")
+
+
+def _kafka(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap-servers", dest="kafka_bootstrap_servers", help="Kafka bootstrap servers")
+    parser.add_argument("--input-topic", dest="input_topic")
+
+
+def _job(parser: argparse.ArgumentParser) -> None:
+    _kafka(parser)
+    parser.add_argument("--results-topic", dest="results_topic")
+    parser.add_argument("--dead-letter-topic", dest="dead_letter_topic")
+    parser.add_argument("--model-bundle", type=Path, dest="model_bundle", help="model bundle directory")
+    parser.add_argument("--allowed-roots", dest="allowed_roots", help="comma-separated folders file:// may read")
+    parser.add_argument("--checkpoint-dir", type=Path, dest="checkpoint_dir")
+    parser.add_argument("--metrics-port", type=int, dest="metrics_port")
+    parser.add_argument("--master", dest="spark_master", help="Spark master (default local[*])")
+
+
+_SETTING_FLAGS = (
+    "kafka_bootstrap_servers", "input_topic", "results_topic", "dead_letter_topic", "model_bundle",
+    "allowed_roots", "checkpoint_dir", "metrics_port", "spark_master",
+)
+
+
+def load_settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {name: getattr(args, name, None) for name in _SETTING_FLAGS}
+    overrides.update(extra)
+    return Settings.load(getattr(args, "config", None), **overrides)
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM, handled like Ctrl-C: stop everything in order."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from streaming.broker import EmbeddedBroker
+
+    settings = load_settings(args)
+    topics = [settings.input_topic, settings.results_topic, settings.dead_letter_topic]
+    broker = EmbeddedBroker(settings.jvm_lib_dir, port=args.port or None, workdir=args.data_dir)
+    try:
+        broker.start()
+        broker.create_topics(topics, partitions=args.partitions)
+        print(broker.bootstrap_servers, flush=True)
+        log.info("Kafka %s ready; topics: %s. Ctrl-C stops it.", broker.bootstrap_servers, ", ".join(topics))
+        while broker.running:
+            time.sleep(0.5)
+        log.error("the broker exited; see %s", broker.log_file)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    finally:
+        broker.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from streaming.metrics import MetricsServer
+    from streaming.pipeline import ScoringJob
+    from streaming.spark import get_session
+
+    settings = load_settings(args)
+    spark = get_session(settings)
+    job = ScoringJob.create(settings, spark)
+    server = MetricsServer(job.metrics, job.health, settings.metrics_host, settings.metrics_port).start()
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.port)
+    try:
+        query = job.start()
+        log.info("scoring %s → %s / %s", settings.input_topic, settings.results_topic, settings.dead_letter_topic)
+        while query.isActive:
+            query.awaitTermination(1)
+        failure = query.exception()
+        if failure is not None:
+            log.error("the scoring query failed: %s", str(failure).splitlines()[0])
+            return 1
+        return 0
+    except (KeyboardInterrupt, _Stop):
+        log.info("stopping")
+        return 0
+    finally:
+        job.stop()
+        server.stop()
+        spark.stop()
+
+
+def cmd_produce_folder(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from producers.folder import FolderWatcher, references, scan
+    from producers.publish import ReferencePublisher
+
+    settings = load_settings(args)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        log.error("not a folder: %s", folder)
+        return 2
+    sent = 0
+    with ReferencePublisher(settings.input_topic, settings.kafka_python_config()) as publisher:
+        paths = scan(folder, not args.no_recursive)
+        with Progress(transient=True, disable=len(paths) < 50) as progress:
+            task = progress.add_task("publishing", total=len(paths))
+            for ref in references(paths):
+                publisher.send(ref)
+                sent += 1
+                progress.advance(task)
+            publisher.flush()
+        log.info("published %d reference(s) to %s", sent, settings.input_topic)
+        if not args.watch:
+            return 0
+        watcher = FolderWatcher(folder, not args.no_recursive, args.interval, seen=set(paths))
+        log.info("watching for new images (Ctrl-C stops)")
+        try:
+            for path in watcher.watch():
+                for ref in references([path]):
+                    publisher.send(ref)
+                    publisher.flush()
+                    sent += 1
+                    log.info("published reference %d", sent)
+        except (KeyboardInterrupt, _Stop):
+            pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streaming.demo import run_demo
+
+    return run_demo(args, load_settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr", description="Streaming chest X-ray scoring on Kafka and Spark.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="embedded broker + scoring job + the sample X-rays, with a live worklist")
+    _common(demo)
+    _job(demo)
+    demo.add_argument("--exit-when-done", action="store_true", help="exit once every sample has its outcome")
+    demo.add_argument("--timeout", type=float, default=600.0, help="with --exit-when-done: give up after N s")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="the streaming job against the configured Kafka")
+    _common(run)
+    _job(run)
+    run.set_defaults(func=cmd_run)
+
+    broker = sub.add_parser("broker", help="an embedded single-node Kafka broker, in the foreground")
+    _common(broker)
+    _kafka(broker)
+    broker.add_argument("--port", type=int, default=9092, help="listener port (0: a free one); default 9092")
+    broker.add_argument("--data-dir", type=Path, help="keep the broker's data here (default: a temporary folder)")
+    broker.add_argument("--partitions", type=int, default=1, help="partitions of the topics it creates")
+    broker.set_defaults(func=cmd_broker)
+
+    produce = sub.add_parser("produce", help="publish references to the input topic")
+    feeds = produce.add_subparsers(dest="feed", required=True)
+    folder = feeds.add_parser("folder", help="one reference per PNG/JPEG/DICOM file in a folder")
+    _common(folder)
+    _kafka(folder)
+    folder.add_argument("folder", help="the folder")
+    folder.add_argument("--watch", action="store_true", help="keep publishing new files as they appear")
+    folder.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
+    folder.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
+    folder.set_defaults(func=cmd_produce_folder)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return int(args.func(args))
+    except Exception as exc:  # a clear one-line error for the operator; the traceback at debug level
+        log.debug("failed", exc_info=True)
+        log.error("%s: %s", type(exc).__name__, exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

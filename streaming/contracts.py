@@ -1,0 +1,182 @@
+"""The wire contracts: references in, results and dead letters out (see DESIGN.md, "Messages").
+
+Pure functions only. Parsing is strict about what the contract requires and lenient about the rest: unknown
+fields are ignored, optional fields may be missing or null. Every failure is a `ParseError` with a stable code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from streaming.errors import CxrError, ErrorCode, ParseError
+
+REFERENCE_SCHEMA = "cxr.reference/v1"
+RESULT_SCHEMA = "cxr.result/v1"
+DEAD_LETTER_SCHEMA = "cxr.dead-letter/v1"
+
+_OPTIONAL_TEXT = (
+    "study_uid", "series_uid", "sop_instance_uid", "accession", "modality", "view_position", "sent_at",
+)
+#: Reference fields echoed into every result.
+_ECHOED = ("event_id", "uri", "study_uid", "series_uid", "sop_instance_uid", "accession")
+MAX_FIELD_CHARS = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """One announced image."""
+
+    event_id: str
+    uri: str
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_instance_uid: str | None = None
+    accession: str | None = None
+    modality: str | None = None
+    view_position: str | None = None
+    sent_at: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Kafka key of the reference and its result: the study when known, so a study stays in order."""
+        return self.study_uid or self.event_id
+
+    def to_json(self) -> str:
+        body: dict[str, Any] = {"schema": REFERENCE_SCHEMA}
+        body.update({k: v for k, v in _as_dict(self).items() if v is not None})
+        return dumps(body)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a message was read from, so a dead letter can point back at it."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def _as_dict(ref: Reference) -> dict[str, Any]:
+    return {name: getattr(ref, name) for name in Reference.__slots__}
+
+
+def dumps(body: Mapping[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC, millisecond precision, `Z` suffix: sortable and what every consumer parses."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_timestamp(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
+
+
+def _text_field(body: Mapping[str, Any], name: str, *, required: bool) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ParseError(ErrorCode.MISSING_FIELD, f"the reference has no '{name}' field")
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ParseError(ErrorCode.INVALID_FIELD, f"the field '{name}' must be a non-empty string")
+    if len(value) > MAX_FIELD_CHARS:
+        raise ParseError(ErrorCode.INVALID_FIELD, f"the field '{name}' is longer than {MAX_FIELD_CHARS} characters")
+    return value
+
+
+def parse_reference(value: str | bytes | None) -> Reference:
+    """Validate one message value against `cxr.reference/v1`."""
+    if value is None:
+        raise ParseError(ErrorCode.INVALID_JSON, "the message has no value")
+    try:
+        body = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        raise ParseError(ErrorCode.INVALID_JSON, "the message value is not valid UTF-8 JSON") from None
+    if not isinstance(body, dict):
+        raise ParseError(ErrorCode.NOT_AN_OBJECT, "the message value is JSON but not an object")
+    schema = body.get("schema")
+    if schema is None:
+        raise ParseError(ErrorCode.MISSING_FIELD, "the reference has no 'schema' field")
+    if schema != REFERENCE_SCHEMA:
+        raise ParseError(ErrorCode.UNSUPPORTED_SCHEMA, f"the schema is not '{REFERENCE_SCHEMA}'")
+    event_id = _text_field(body, "event_id", required=True)
+    uri = _text_field(body, "uri", required=True)
+    assert event_id is not None and uri is not None
+    optional = {name: _text_field(body, name, required=False) for name in _OPTIONAL_TEXT}
+    if optional["sent_at"] is not None:
+        try:
+            parse_timestamp(optional["sent_at"])
+        except ValueError:
+            raise ParseError(ErrorCode.INVALID_FIELD, "the field 'sent_at' is not an RFC 3339 timestamp") from None
+    return Reference(event_id=event_id, uri=uri, **optional)
+
+
+def salvage_event_id(value: str | bytes | None) -> str | None:
+    """The event id of a message that failed to parse, when one can be read at all."""
+    try:
+        body = json.loads(value) if value is not None else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(body, dict) and isinstance(body.get("event_id"), str) and body["event_id"].strip():
+        return str(body["event_id"])[:MAX_FIELD_CHARS]
+    return None
+
+
+def build_result(
+    ref: Reference,
+    *,
+    model: Mapping[str, str],
+    scores: Mapping[str, float],
+    top_finding: str | None,
+    priority: str,
+    sent_at: datetime,
+    scored_at: datetime,
+) -> dict[str, Any]:
+    """A `cxr.result/v1` body; `latency_ms` is scored_at − sent_at."""
+    ref_fields = _as_dict(ref)
+    body: dict[str, Any] = {"schema": RESULT_SCHEMA}
+    body.update({name: ref_fields[name] for name in _ECHOED})
+    body.update(
+        model=dict(model),
+        scores={label: float(score) for label, score in scores.items()},
+        top_finding=top_finding,
+        priority=priority,
+        sent_at=rfc3339(sent_at),
+        scored_at=rfc3339(scored_at),
+        latency_ms=round((scored_at - sent_at).total_seconds() * 1000.0, 3),
+    )
+    return body
+
+
+def build_dead_letter(
+    error: CxrError,
+    *,
+    payload: str | None,
+    source: Source,
+    event_id: str | None,
+    failed_at: datetime,
+) -> dict[str, Any]:
+    """A `cxr.dead-letter/v1` body carrying the original value unchanged, so it can be replayed."""
+    return {
+        "schema": DEAD_LETTER_SCHEMA,
+        "event_id": event_id,
+        "stage": error.stage.value,
+        "error": error.code.value,
+        "reason": error.reason,
+        "payload": payload,
+        "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
+        "failed_at": rfc3339(failed_at),
+    }

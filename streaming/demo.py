@@ -1,0 +1,151 @@
+"""`cxr demo`: the whole system on one machine, with the real model and the real sample X-rays.
+
+Embedded Kafka broker → scoring job in Spark local mode → metrics endpoint; the sixteen sample chest X-rays
+that ship with the model package are published as references, and the worklist is shown live as results
+arrive, most urgent first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from kafka import KafkaConsumer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from producers.folder import references, scan
+from producers.publish import ReferencePublisher
+from streaming.broker import EmbeddedBroker, port_is_free
+from streaming.metrics import MetricsServer
+from streaming.settings import Settings, sample_images_dir
+from streaming.triage import worklist_key
+
+log = logging.getLogger("cxr.demo")
+_STYLE = {"STAT": "bold white on red", "URGENT": "bold black on yellow", "ROUTINE": "green"}
+
+
+def worklist_table(
+    results: list[dict[str, Any]], dead: list[dict[str, Any]], expected: int, normal_labels: tuple[str, ...] = ()
+) -> Group:
+    """The worklist, most urgent first; `score` is the strongest non-normal label's probability."""
+    table = Table(title="cxr-stream worklist", title_justify="left", expand=False)
+    for name, justify in (("#", "right"), ("priority", "left"), ("top finding", "left"), ("score", "right"),
+                          ("image", "left"), ("latency", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for i, result in enumerate(sorted(results, key=worklist_key), 1):
+        scores = result.get("scores") or {}
+        finding = result.get("top_finding")
+        score = max((v for k, v in scores.items() if k not in normal_labels), default=None)
+        table.add_row(
+            str(i),
+            Text(f" {result['priority']} ", style=_STYLE.get(result["priority"], "")),
+            finding or "—",
+            f"{score:.3f}" if score is not None else "—",
+            Path(unquote(urlsplit(result.get("uri", "")).path)).name,
+            f"{result.get('latency_ms', 0) / 1000:.1f} s",
+        )
+    done = len(results) + len(dead)
+    lines: list[Any] = [table, Text(f"{len(results)} scored, {len(dead)} dead-lettered, {done}/{expected} done")]
+    for letter in dead:
+        lines.append(Text(f"  dead letter: {letter.get('stage')}/{letter.get('error')}: {letter.get('reason')}",
+                          style="red"))
+    return Group(*lines)
+
+
+def run_demo(args: argparse.Namespace, load_settings: Callable[..., Settings]) -> int:
+    console = Console()
+    workdir = Path(tempfile.mkdtemp(prefix="cxr-demo-"))
+    samples = sample_images_dir()
+    base = load_settings(args)
+    broker = EmbeddedBroker(base.jvm_lib_dir, workdir=workdir / "kafka")
+    server: MetricsServer | None = None
+    job = spark = None
+    try:
+        with console.status("starting the Kafka broker…"):
+            broker.start()
+            broker.create_topics([base.input_topic, base.results_topic, base.dead_letter_topic])
+        console.print(f"[bold]Kafka[/] broker at {broker.bootstrap_servers} (embedded, KRaft)")
+        roots = ",".join(str(p) for p in {*base.allowed_roots, samples.resolve()})
+        settings = load_settings(
+            args,
+            kafka_bootstrap_servers=broker.bootstrap_servers,
+            checkpoint_dir=workdir / "checkpoint",
+            allowed_roots=roots,
+            starting_offsets="earliest",
+        )
+
+        from streaming.pipeline import ScoringJob
+        from streaming.spark import get_session
+
+        with console.status("starting Spark and loading the model into its Python workers…"):
+            spark = get_session(settings, "cxr-demo")
+            job = ScoringJob.create(settings, spark)
+            port = settings.metrics_port if port_is_free(settings.metrics_port) else 0
+            server = MetricsServer(job.metrics, job.health, settings.metrics_host, port).start()
+            job.start()
+        model = job.descriptor
+        assert model is not None
+        console.print(f"[bold]Spark[/] {spark.version} local mode; model {model.name} {model.version} loaded")
+        console.print(f"[bold]Metrics[/] http://127.0.0.1:{server.port}/metrics  (health: /healthz, /readyz)")
+
+        with ReferencePublisher(settings.input_topic, settings.kafka_python_config()) as publisher:
+            sent = publisher.send_all(references(scan(samples)))
+        console.print(f"published {sent} chest X-ray references to {settings.input_topic}")
+        return _follow(console, settings, sent, args, model.normal_labels)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        with console.status("stopping…"):
+            if job is not None:
+                job.stop()
+            if server is not None:
+                server.stop()
+            if spark is not None:
+                spark.stop()
+            broker.stop()
+        console.print("stopped cleanly")
+
+
+def _follow(
+    console: Console, settings: Settings, expected: int, args: argparse.Namespace, normal_labels: tuple[str, ...]
+) -> int:
+    consumer = KafkaConsumer(
+        settings.results_topic,
+        settings.dead_letter_topic,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        **settings.kafka_python_config(),
+    )
+    results: list[dict[str, Any]] = []
+    dead: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        with Live(worklist_table(results, dead, expected, normal_labels), console=console, refresh_per_second=4) as live:
+            while True:
+                for records in consumer.poll(timeout_ms=500).values():
+                    for record in records:
+                        body = json.loads(record.value)
+                        (results if record.topic == settings.results_topic else dead).append(body)
+                    live.update(worklist_table(results, dead, expected, normal_labels))
+                done = len(results) + len(dead) >= expected
+                if args.exit_when_done and done:
+                    break
+                if args.exit_when_done and time.monotonic() - started > args.timeout:
+                    console.print(f"[red]timed out after {args.timeout:.0f} s[/]")
+                    return 1
+        elapsed = time.monotonic() - started
+        console.print()
+        console.print(f"all {expected} references answered in {elapsed:.1f} s ({expected / elapsed:.2f} images/s)")
+        return 0 if len(results) + len(dead) >= expected else 1
+    finally:
+        consumer.close()

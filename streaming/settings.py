@@ -1,0 +1,185 @@
+"""Configuration: the one place that reads the environment.
+
+Precedence, lowest to highest: built-in defaults (safe for the embedded demo), a TOML config file
+(`CXR_CONFIG_FILE` or `--config`), `CXR_*` environment variables (what Kubernetes ConfigMaps set), then
+command-line flags. Kafka client settings that cxr-stream does not model itself pass through unchanged from
+`CXR_KAFKA__<SETTING>` or a `[kafka]` table, so TLS and SASL work the way Kafka users expect.
+
+Executors never read the environment: the driver builds the small frozen objects they need
+(`FetchPolicy`, `DecodeLimits`, ...) from these settings and ships them with the job.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any
+
+from streaming.jvm import DEFAULT_LIB_DIR
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+MODEL_PACKAGE = "pneumonia_model_package"
+_config_file: ContextVar[Path | None] = ContextVar("cxr_config_file", default=None)
+
+
+def model_package_dir() -> Path | None:
+    """Folder of the installed demo model package, found without importing it (its import needs extras)."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def sample_images_dir() -> Path:
+    """The sixteen real chest X-rays that ship with the demo model package."""
+    pkg = model_package_dir()
+    if pkg is None:
+        raise RuntimeError(
+            f"the demo model package is not installed: pip install --no-deps {MODEL_PACKAGE.replace('_', '-')}"
+            "==0.3.0 (make install does this)"
+        )
+    return pkg / "datasets" / "pneumonia-data" / "val"
+
+
+def default_bundle_dir() -> Path:
+    return Path(__file__).parent / "bundles" / "pneumonia-xception"
+
+
+def _default_allowed_roots() -> list[Path]:
+    pkg = model_package_dir()
+    return [sample_images_dir()] if pkg is not None else []
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of cxr-stream, frozen once read."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    # Kafka
+    kafka_bootstrap_servers: str = DEFAULT_BOOTSTRAP
+    input_topic: str = "cxr.references"
+    results_topic: str = "cxr.results"
+    dead_letter_topic: str = "cxr.dead-letter"
+    kafka: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="extra Kafka client settings, e.g. security_protocol, sasl_mechanism (CXR_KAFKA__<NAME>)",
+    )
+
+    # Model and input
+    model_bundle: Path = Field(default_factory=default_bundle_dir)
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=_default_allowed_roots)
+    dicomweb_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    dicomweb_token: SecretStr | None = None
+    max_image_bytes: int = Field(default=128 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=60_000_000, gt=0)
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
+
+    # Streaming query
+    checkpoint_dir: Path = Path(".cxr/checkpoints/scoring")
+    starting_offsets: str = "earliest"
+    max_offsets_per_trigger: int | None = Field(default=512, gt=0)
+    fail_on_data_loss: bool = True
+    trigger_interval: str = "1 second"
+
+    # Scoring on the executors
+    inference_batch_size: int = Field(default=16, gt=0)
+    arrow_batch_size: int = Field(default=64, gt=0)
+    decode_threads: int = Field(default=4, gt=0)
+    warmup: bool = True
+
+    # Spark
+    jvm_lib_dir: Path = DEFAULT_LIB_DIR
+    #: None: local[*], unless spark-submit already chose a master (on Kubernetes it does).
+    spark_master: str | None = None
+    spark_driver_memory: str = "4g"
+    spark_shuffle_partitions: int = Field(default=4, gt=0)
+    spark_ui: bool = False
+    spark_log_level: str = "WARN"
+    spark_conf: dict[str, str] = Field(default_factory=dict)
+
+    # Observability
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    ready_stale_after_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("allowed_roots", "dicomweb_allowed_hosts", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _resolve_roots(cls, roots: list[Path]) -> list[Path]:
+        return [Path(os.path.expanduser(r)).resolve() for r in roots]
+
+    @field_validator("dicomweb_allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, hosts: list[str]) -> list[str]:
+        return [h.lower() for h in hosts]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, file_secret_settings]
+        config_file = _config_file.get()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | str | None = None, **overrides: Any) -> Settings:
+        """Read defaults, config file, environment and flags (`overrides`; None values are ignored)."""
+        path = config_file or os.environ.get("CXR_CONFIG_FILE")
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        token = _config_file.set(Path(path) if path else None)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _config_file.reset(token)
+
+    # Views for the edges -------------------------------------------------------------------------
+
+    def kafka_extra(self) -> dict[str, str]:
+        """Pass-through client settings with their secrets revealed, keyed the Java way (`security.protocol`)."""
+        return {k.lower().replace("_", "."): v.get_secret_value() for k, v in self.kafka.items()}
+
+    def kafka_python_config(self) -> dict[str, Any]:
+        """Keyword arguments for kafka-python clients (which spell settings with underscores)."""
+        conf: dict[str, Any] = {"bootstrap_servers": self.kafka_bootstrap_servers.split(",")}
+        conf.update({k.replace(".", "_"): v for k, v in self.kafka_extra().items()})
+        return conf
+
+    def spark_kafka_options(self) -> dict[str, str]:
+        """Options for Spark's Kafka source and sink (`kafka.`-prefixed client settings)."""
+        options = {"kafka.bootstrap.servers": self.kafka_bootstrap_servers}
+        options.update({f"kafka.{k}": v for k, v in self.kafka_extra().items()})
+        return options

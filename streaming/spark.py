@@ -1,0 +1,85 @@
+"""The Spark session: local mode by default, Kafka connector jars attached, tuned for a small machine.
+
+The connector and its dependencies were resolved by Maven at install time (jvm/lib/spark); they are handed
+to Spark with `spark.jars`, so a job never resolves anything from the network when it starts
+(`spark.jars.packages` would). Spark's own metrics stay on in the standard way: the Prometheus servlet sink
+and, for streaming queries, `spark.sql.streaming.metricsEnabled`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyspark
+
+from streaming.jvm import JvmSetupError, jars
+
+LOG4J2_CONFIG = Path(__file__).parent / "resources" / "log4j2.properties"
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from streaming.settings import Settings
+
+
+def connector_jars(lib_dir: Path) -> list[Path]:
+    """The connector jars, checked against the running PySpark: a mismatch fails at the first batch otherwise."""
+    found = jars(lib_dir, "spark")
+    connector = [p for p in found if p.name.startswith("spark-sql-kafka-0-10_")]
+    if not connector:
+        raise JvmSetupError(f"spark-sql-kafka-0-10 is missing from {lib_dir / 'spark'}: run 'make install'")
+    expected = f"-{pyspark.__version__}.jar"
+    if not connector[0].name.endswith(expected):
+        raise JvmSetupError(
+            f"{connector[0].name} does not match PySpark {pyspark.__version__}: run 'make install' again"
+        )
+    return found
+
+
+def base_conf(settings: Settings) -> dict[str, str]:
+    """The configuration every cxr-stream session starts from; `settings.spark_conf` overrides any of it."""
+    conf = {
+        "spark.jars": ",".join(str(p) for p in connector_jars(settings.jvm_lib_dir)),
+        "spark.sql.shuffle.partitions": str(settings.spark_shuffle_partitions),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(settings.arrow_batch_size),
+        "spark.python.worker.reuse": "true",
+        "spark.driver.memory": settings.spark_driver_memory,
+        "spark.ui.enabled": str(settings.spark_ui).lower(),
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.streaming.metricsEnabled": "true",
+        "spark.ui.prometheus.enabled": "true",
+        "spark.metrics.conf.*.sink.prometheusServlet.class": "org.apache.spark.metrics.sink.PrometheusServlet",
+        "spark.metrics.conf.*.sink.prometheusServlet.path": "/metrics/prometheus",
+        "spark.sql.adaptive.enabled": "false",
+        "spark.sql.session.timeZone": "UTC",
+        # Streaming queries here are long-lived and small-batched; keep the driver's state small.
+        "spark.sql.streaming.minBatchesToRetain": "20",
+        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
+        "spark.sql.ui.retainedExecutions": "50",
+    }
+    conf.update(settings.spark_conf)
+    return conf
+
+
+def get_session(settings: Settings, app_name: str = "cxr-stream") -> SparkSession:
+    """The session for this process (created once; later calls return the same one)."""
+    from pyspark.sql import SparkSession
+
+    # Python workers must run the interpreter (and packages) of the driver.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    builder = SparkSession.builder.appName(app_name)
+    if settings.spark_master:
+        builder = builder.master(settings.spark_master)
+    elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit
+        builder = builder.master("local[*]")
+    for key, value in base_conf(settings).items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel(settings.spark_log_level)
+    return session

@@ -1,0 +1,88 @@
+"""The scoring pandas UDF: the thin Spark edge around `scoring.score_messages`.
+
+The model bundle arrives as a broadcast (bytes, shipped once per executor); each Python worker unpacks and
+loads it on first use and keeps it while Spark reuses the worker (`spark.python.worker.reuse`), so there is no
+reload per micro-batch. The iterator form of the UDF pays the lookup once per task, not per Arrow batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from streaming.bundle import BundleArchive, load_archive
+from streaming.contracts import Source
+from streaming.scoring import Outcome, RawMessage, ScoringConfig, score_messages
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
+    from pyspark.sql import Column, SparkSession
+
+#: One row out per row in: where it goes, what it says, and the figures the observed metrics aggregate.
+OUTCOME_SCHEMA = (
+    "topic string, key string, value string, scored boolean, stage string, error string, "
+    "latency_s double, inference_s double, preprocess_s double"
+)
+_OUTCOME_FIELDS = ("topic", "key", "value", "scored", "stage", "error", "latency_s", "inference_s", "preprocess_s")
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if value is None or pd.isna(value):
+        return None
+    moment = pd.Timestamp(value).to_pydatetime()
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _messages(frame: pd.DataFrame) -> list[RawMessage]:
+    return [
+        RawMessage(
+            value=None if value is None or (isinstance(value, float) and pd.isna(value)) else str(value),
+            source=Source(str(topic), int(partition), int(offset)),
+            timestamp=_timestamp(ts),
+        )
+        for value, topic, partition, offset, ts in zip(
+            frame["value"], frame["topic"], frame["partition"], frame["offset"], frame["timestamp"], strict=True
+        )
+    ]
+
+
+def _frame(outcomes: list[Outcome]) -> pd.DataFrame:
+    return pd.DataFrame([[getattr(o, f) for f in _OUTCOME_FIELDS] for o in outcomes], columns=list(_OUTCOME_FIELDS))
+
+
+def score_column(archive: Broadcast[BundleArchive], config: ScoringConfig, record: Column) -> Column:
+    """`record` is a struct of the Kafka columns value (string), topic, partition, offset, timestamp."""
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf(OUTCOME_SCHEMA)  # type: ignore[call-overload]
+    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        bundle = load_archive(archive.value)
+        for frame in batches:
+            yield _frame(score_messages(_messages(frame), bundle, config))
+
+    # Nondeterministic (it reads files and clocks): Spark must evaluate it exactly once per row, never
+    # duplicate it when the struct's fields are expanded.
+    return score.asNondeterministic()(record)  # type: ignore[no-any-return]
+
+
+def warm_up(spark: SparkSession, archive: Broadcast[BundleArchive], batch_size: int) -> int:
+    """Load the model and trace its graph in the Python workers before the first real micro-batch.
+
+    One task per core, so each reusable worker gets one. Returns how many distinct workers were warmed.
+    """
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf("long")  # type: ignore[call-overload]
+    def warm(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+        bundle = load_archive(archive.value)
+        bundle.warm_up(batch_size)
+        for batch in batches:
+            yield pd.Series([os.getpid()] * len(batch))
+
+    slots = spark.sparkContext.defaultParallelism
+    pids = spark.range(slots, numPartitions=slots).select(warm("id").alias("pid")).distinct().collect()
+    return len(pids)
