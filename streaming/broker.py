@@ -248,7 +248,9 @@ class EmbeddedBroker:
 
 
 @contextlib.contextmanager
-def embedded_broker(lib_dir: Path, topics: Iterable[str] = (), partitions: int = 1, **kwargs: object) -> Iterator[EmbeddedBroker]:
+def embedded_broker(
+    lib_dir: Path, topics: Iterable[str] = (), partitions: int = 1, **kwargs: object
+) -> Iterator[EmbeddedBroker]:
     with EmbeddedBroker(lib_dir, **kwargs) as broker:  # type: ignore[arg-type]
         broker.create_topics(topics, partitions)
         yield broker

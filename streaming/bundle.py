@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import importlib.util
 import io
-import json
 import logging
 import os
 import tarfile
@@ -277,7 +276,7 @@ def load_model_file(descriptor: Descriptor, model_path: Path) -> LoadedBundle:
 
     def infer(batch: np.ndarray) -> np.ndarray:
         (out,) = fn(**{input_name: tf.convert_to_tensor(batch)}).values()
-        return out.numpy()  # type: ignore[no-any-return]
+        return out.numpy()
 
     return LoadedBundle(descriptor, infer)
 
@@ -306,7 +305,8 @@ def load_archive(archive: BundleArchive) -> LoadedBundle:
         else:
             target.write_bytes(archive.model_bytes)
         loaded = load_model_file(archive.descriptor, target)
-        log.info("loaded model bundle %s %s in worker %d", loaded.descriptor.name, loaded.descriptor.version,
-                 os.getpid())
+        log.info(
+            "loaded model bundle %s %s in worker %d", loaded.descriptor.name, loaded.descriptor.version, os.getpid()
+        )
         _worker_cache[archive.digest] = loaded
         return loaded

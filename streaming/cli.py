@@ -40,8 +40,15 @@ def _job(parser: argparse.ArgumentParser) -> None:
 
 
 _SETTING_FLAGS = (
-    "kafka_bootstrap_servers", "input_topic", "results_topic", "dead_letter_topic", "model_bundle",
-    "allowed_roots", "checkpoint_dir", "metrics_port", "spark_master",
+    "kafka_bootstrap_servers",
+    "input_topic",
+    "results_topic",
+    "dead_letter_topic",
+    "model_bundle",
+    "allowed_roots",
+    "checkpoint_dir",
+    "metrics_port",
+    "spark_master",
 )
 
 

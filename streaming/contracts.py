@@ -19,7 +19,13 @@ RESULT_SCHEMA = "cxr.result/v1"
 DEAD_LETTER_SCHEMA = "cxr.dead-letter/v1"
 
 _OPTIONAL_TEXT = (
-    "study_uid", "series_uid", "sop_instance_uid", "accession", "modality", "view_position", "sent_at",
+    "study_uid",
+    "series_uid",
+    "sop_instance_uid",
+    "accession",
+    "modality",
+    "view_position",
+    "sent_at",
 )
 #: Reference fields echoed into every result.
 _ECHOED = ("event_id", "uri", "study_uid", "series_uid", "sop_instance_uid", "accession")
@@ -145,7 +151,7 @@ def build_result(
     sent_at: datetime,
     scored_at: datetime,
 ) -> dict[str, Any]:
-    """A `cxr.result/v1` body; `latency_ms` is scored_at − sent_at."""
+    """A `cxr.result/v1` body; `latency_ms` is scored_at - sent_at."""
     ref_fields = _as_dict(ref)
     body: dict[str, Any] = {"schema": RESULT_SCHEMA}
     body.update({name: ref_fields[name] for name in _ECHOED})

@@ -9,7 +9,8 @@ Every failure is a `DecodeError` with a stable code:
 * ``UNSUPPORTED_FORMAT``: the bytes are not PNG, JPEG or DICOM Part 10, or they are a DICOM object we cannot
   turn into a picture (no *Pixel Data* at all, e.g. a structured report; float pixel data; a photometric
   interpretation or transfer syntax with no decoder here).
-* ``CORRUPT_IMAGE``: an empty input, or a file of a supported format that is truncated or broken.
+* ``CORRUPT_IMAGE``: an empty input, or a file of a supported format that is truncated or broken (including
+  a DICOM header that declares an image but has no *Pixel Data*: pydicom reads a file cut short that way).
 * ``TOO_LARGE``: the declared pixel count exceeds `DecodeLimits.max_pixels` (checked before any pixel is
   decoded, so a decompression bomb costs only its header).
 
@@ -46,8 +47,10 @@ _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 # the JPEG 2000 decoder itself).
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
 # Defined terms of (0028,0004); only these are echoed in reasons, anything else is reported as "unknown".
-_KNOWN_INTERPRETATIONS = _MONOCHROME | _COLOUR | frozenset(
-    {"PALETTE COLOR", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "HSV", "ARGB", "CMYK", "XYB"}
+_KNOWN_INTERPRETATIONS = (
+    _MONOCHROME
+    | _COLOUR
+    | frozenset({"PALETTE COLOR", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "HSV", "ARGB", "CMYK", "XYB"})
 )
 # Pillow's libjpeg-turbo decodes JPEG files outside DICOM; decoding JPEG inside DICOM with the same library
 # keeps the two paths bit-identical (pylibjpeg-libjpeg differs by +-1 on ~3% of pixels).
@@ -75,7 +78,7 @@ def sniff_format(data: bytes) -> Format:
         return "png"
     if data.startswith(_JPEG_MAGIC):
         return "jpeg"
-    if data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)] == _DICOM_MAGIC:
+    if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)] == _DICOM_MAGIC:
         return "dicom"
     raise DecodeError(ErrorCode.UNSUPPORTED_FORMAT, "The bytes are not a PNG, JPEG or DICOM Part 10 file.")
 

@@ -39,8 +39,14 @@ def worklist_table(
 ) -> Group:
     """The worklist, most urgent first; `score` is the strongest non-normal label's probability."""
     table = Table(title="cxr-stream worklist", title_justify="left", expand=False)
-    for name, justify in (("#", "right"), ("priority", "left"), ("top finding", "left"), ("score", "right"),
-                          ("image", "left"), ("latency", "right")):
+    for name, justify in (
+        ("#", "right"),
+        ("priority", "left"),
+        ("top finding", "left"),
+        ("score", "right"),
+        ("image", "left"),
+        ("latency", "right"),
+    ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for i, result in enumerate(sorted(results, key=worklist_key), 1):
         scores = result.get("scores") or {}
@@ -57,8 +63,9 @@ def worklist_table(
     done = len(results) + len(dead)
     lines: list[Any] = [table, Text(f"{len(results)} scored, {len(dead)} dead-lettered, {done}/{expected} done")]
     for letter in dead:
-        lines.append(Text(f"  dead letter: {letter.get('stage')}/{letter.get('error')}: {letter.get('reason')}",
-                          style="red"))
+        lines.append(
+            Text(f"  dead letter: {letter.get('stage')}/{letter.get('error')}: {letter.get('reason')}", style="red")
+        )
     return Group(*lines)
 
 
@@ -130,7 +137,9 @@ def _follow(
     dead: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
-        with Live(worklist_table(results, dead, expected, normal_labels), console=console, refresh_per_second=4) as live:
+        with Live(
+            worklist_table(results, dead, expected, normal_labels), console=console, refresh_per_second=4
+        ) as live:
             while True:
                 for records in consumer.poll(timeout_ms=500).values():
                     for record in records:

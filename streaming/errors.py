@@ -70,10 +70,26 @@ class ScoreError(CxrError):
 
 #: Every (stage, code) pair that can occur; metrics pre-register these so dashboards show zeros, not gaps.
 KNOWN_FAILURES: tuple[tuple[Stage, ErrorCode], ...] = (
-    *((Stage.PARSE, c) for c in (ErrorCode.INVALID_JSON, ErrorCode.NOT_AN_OBJECT, ErrorCode.MISSING_FIELD,
-                                 ErrorCode.INVALID_FIELD, ErrorCode.UNSUPPORTED_SCHEMA)),
-    *((Stage.FETCH, c) for c in (ErrorCode.FORBIDDEN_URI, ErrorCode.UNSUPPORTED_URI, ErrorCode.NOT_FOUND,
-                                 ErrorCode.TOO_LARGE, ErrorCode.FETCH_FAILED)),
+    *(
+        (Stage.PARSE, c)
+        for c in (
+            ErrorCode.INVALID_JSON,
+            ErrorCode.NOT_AN_OBJECT,
+            ErrorCode.MISSING_FIELD,
+            ErrorCode.INVALID_FIELD,
+            ErrorCode.UNSUPPORTED_SCHEMA,
+        )
+    ),
+    *(
+        (Stage.FETCH, c)
+        for c in (
+            ErrorCode.FORBIDDEN_URI,
+            ErrorCode.UNSUPPORTED_URI,
+            ErrorCode.NOT_FOUND,
+            ErrorCode.TOO_LARGE,
+            ErrorCode.FETCH_FAILED,
+        )
+    ),
     *((Stage.DECODE, c) for c in (ErrorCode.UNSUPPORTED_FORMAT, ErrorCode.CORRUPT_IMAGE, ErrorCode.TOO_LARGE)),
     (Stage.SCORE, ErrorCode.MODEL_ERROR),
 )

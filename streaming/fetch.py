@@ -72,7 +72,9 @@ def read_file(path: Path, max_bytes: int) -> bytes:
     except PermissionError:
         raise FetchError(ErrorCode.FETCH_FAILED, "the file is not readable by the scoring job") from None
     except OSError as exc:
-        raise FetchError(ErrorCode.FETCH_FAILED, f"the file could not be read ({exc.strerror or 'I/O error'})") from None
+        raise FetchError(
+            ErrorCode.FETCH_FAILED, f"the file could not be read ({exc.strerror or 'I/O error'})"
+        ) from None
 
 
 def _read_limited(stream: IO[bytes], max_bytes: int) -> bytes:
@@ -107,7 +109,9 @@ def fetch_dicomweb(uri: str, policy: FetchPolicy) -> bytes:
     if not host_allowed(parts.netloc, parts.scheme.lower(), policy.dicomweb_hosts):
         raise FetchError(ErrorCode.FORBIDDEN_URI, "the DICOMweb host is not in the allowed hosts")
     if not _INSTANCE_PATH.search(parts.path):
-        raise FetchError(ErrorCode.UNSUPPORTED_URI, "the URL is not a DICOMweb instance (…/studies/…/series/…/instances/…)")
+        raise FetchError(
+            ErrorCode.UNSUPPORTED_URI, "the URL is not a DICOMweb instance (…/studies/…/series/…/instances/…)"
+        )
     request = urllib.request.Request(uri, headers={"Accept": _ACCEPT_DICOM})
     if policy.dicomweb_token:
         request.add_header("Authorization", f"Bearer {policy.dicomweb_token}")
@@ -126,7 +130,9 @@ def fetch_dicomweb(uri: str, policy: FetchPolicy) -> bytes:
         raise FetchError(ErrorCode.FETCH_FAILED, f"the DICOMweb server answered HTTP {exc.code}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise FetchError(ErrorCode.FETCH_FAILED, f"the DICOMweb server could not be reached ({type(reason).__name__})") from None
+        raise FetchError(
+            ErrorCode.FETCH_FAILED, f"the DICOMweb server could not be reached ({type(reason).__name__})"
+        ) from None
     return first_part(body, content_type)
 
 
@@ -134,7 +140,9 @@ def first_part(body: bytes, content_type: str) -> bytes:
     """The first body part of a multipart/related answer (or the body itself when it is not multipart)."""
     if not content_type.lower().startswith("multipart/"):
         return body
-    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    message = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
     for part in message.iter_parts():
         payload = part.get_payload(decode=True)
         if isinstance(payload, bytes) and payload:

@@ -38,7 +38,7 @@ BATCH_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _HISTOGRAMS = {
     "lat": ("latency_s", LATENCY_BUCKETS),
     "inf": ("inference_s", INFERENCE_BUCKETS),
-    "pre": ("preprocess_s", INFERENCE_BUCKETS + (5.0, 10.0)),
+    "pre": ("preprocess_s", (*INFERENCE_BUCKETS, 5.0, 10.0)),
 }
 
 
@@ -145,7 +145,8 @@ class JobMetrics:
         for stage, error in KNOWN_FAILURES:
             self.dead_letters.labels(stage.value, error.value)
         self.latency = BucketHistogram(
-            "cxr_end_to_end_latency_seconds", "From the reference's sent_at (or Kafka timestamp) to its result",
+            "cxr_end_to_end_latency_seconds",
+            "From the reference's sent_at (or Kafka timestamp) to its result",
             LATENCY_BUCKETS,
         )
         self.inference = BucketHistogram(
@@ -226,7 +227,7 @@ def _offsets(value: Any) -> dict[str, dict[str, int]] | None:
 
 
 def offsets_behind_latest(sources: Iterable[Mapping[str, Any]]) -> int | None:
-    """Σ over Kafka partitions of (latest offset − offset processed to), from a progress's sources."""
+    """Σ over Kafka partitions of (latest offset - offset processed to), from a progress's sources."""
     total, seen = 0, False
     for source in sources:
         end, latest = _offsets(source.get("endOffset")), _offsets(source.get("latestOffset"))
@@ -249,7 +250,7 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - scrapes every few seconds
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -266,7 +267,7 @@ def wsgi_app(metrics: JobMetrics, health: QueryHealth) -> Callable[..., Iterable
             start_response("200 OK" if ready else "503 Service Unavailable", [("Content-Type", "text/plain")])
             return [reason.encode() + b"\n"]
         if path in ("/metrics", "/"):
-            return prometheus(environ, start_response)  # type: ignore[no-any-return]
+            return prometheus(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 

@@ -84,12 +84,12 @@ class _Listener(StreamingQueryListener):
     def _mine(self, query_id: Any) -> bool:
         return self.query_id is None or str(query_id) == self.query_id
 
-    def onQueryStarted(self, event: Any) -> None:  # noqa: N802 - Spark's API
+    def onQueryStarted(self, event: Any) -> None:
         if self._mine(event.id):
             self.health.started()
             self.metrics.query_up.set(1)
 
-    def onQueryProgress(self, event: Any) -> None:  # noqa: N802
+    def onQueryProgress(self, event: Any) -> None:
         if not self._mine(event.progress.id):
             return
         try:
@@ -101,11 +101,11 @@ class _Listener(StreamingQueryListener):
             self.batches += 1
             self.progressed.notify_all()
 
-    def onQueryIdle(self, event: Any) -> None:  # noqa: N802
+    def onQueryIdle(self, event: Any) -> None:
         if self._mine(event.id):
             self.health.progressed()
 
-    def onQueryTerminated(self, event: Any) -> None:  # noqa: N802
+    def onQueryTerminated(self, event: Any) -> None:
         if self._mine(event.id):
             failure = event.exception.splitlines()[0][:300] if event.exception else None
             self.health.terminated(failure)

@@ -136,7 +136,9 @@ def score_messages(
     if ready:
         started = time.perf_counter()
         try:
-            probabilities = bundle.predict(np.stack([row.x for row in ready]), config.inference_batch_size)
+            probabilities = bundle.predict(
+                np.stack([row.x for row in ready if row.x is not None]), config.inference_batch_size
+            )
             per_image_s = (time.perf_counter() - started) / len(ready)
         except Exception as exc:
             failure = ScoreError(ErrorCode.MODEL_ERROR, f"the model failed on this batch ({type(exc).__name__})")

@@ -17,7 +17,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
-from streaming.jvm import DEFAULT_LIB_DIR
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -26,6 +25,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from streaming.jvm import DEFAULT_LIB_DIR
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 MODEL_PACKAGE = "pneumonia_model_package"

@@ -66,7 +66,7 @@ def score_column(archive: Broadcast[BundleArchive], config: ScoringConfig, recor
 
     # Nondeterministic (it reads files and clocks): Spark must evaluate it exactly once per row, never
     # duplicate it when the struct's fields are expanded.
-    return score.asNondeterministic()(record)  # type: ignore[no-any-return]
+    return score.asNondeterministic()(record)
 
 
 def warm_up(spark: SparkSession, archive: Broadcast[BundleArchive], batch_size: int) -> int:

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
+    UID,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
@@ -83,7 +84,7 @@ def dicom_bytes(ds: Dataset) -> bytes:
 
 
 def encapsulated(ds: Dataset, tsyntax: str, frames: list[bytes]) -> Dataset:
-    ds.file_meta.TransferSyntaxUID = tsyntax
+    ds.file_meta.TransferSyntaxUID = UID(tsyntax)
     ds.PixelData = encapsulate(frames)
     return ds
 
@@ -177,9 +178,7 @@ def test_real_jpegs_decode_to_full_resolution_grayscale(sample_jpegs: list[Path]
     "variant",
     ["L", "RGB", "I;16 (v*257)", "1-bit", "LA", "RGBA", "P"],
 )
-def test_png_of_the_same_pixels_gives_the_same_model_input(
-    xray: tuple[bytes, np.ndarray], variant: str
-) -> None:
+def test_png_of_the_same_pixels_gives_the_same_model_input(xray: tuple[bytes, np.ndarray], variant: str) -> None:
     data, pixels = xray
     gray = Image.fromarray(pixels)
     builders: dict[str, Callable[[], Image.Image]] = {
@@ -422,7 +421,7 @@ def test_decode_limits_must_be_positive() -> None:
 
 def test_dicom_non_image_object_is_unsupported() -> None:
     ds = new_dataset(BASIC_TEXT_SR)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
     err = assert_decode_error(dicom_bytes(ds), ErrorCode.UNSUPPORTED_FORMAT)
     assert "no pixel data" in err.reason
 
