@@ -18,16 +18,10 @@ class ReferencePublisher:
 
     def __init__(self, topic: str, client_config: dict[str, object]) -> None:
         self.topic = topic
-        self._producer = KafkaProducer(
-            acks="all",
-            linger_ms=5,
-            key_serializer=lambda k: k.encode("utf-8") if k is not None else None,
-            value_serializer=lambda v: v.encode("utf-8"),
-            **client_config,
-        )
+        self._producer = KafkaProducer(acks="all", linger_ms=5, **client_config)
 
     def send(self, ref: Reference) -> None:
-        self._producer.send(self.topic, key=ref.key, value=ref.to_json())
+        self._producer.send(self.topic, key=ref.key.encode("utf-8"), value=ref.to_json().encode("utf-8"))
 
     def send_all(self, refs: Iterable[Reference]) -> int:
         count = 0

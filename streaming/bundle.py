@@ -248,16 +248,25 @@ def _native_stderr_muted() -> Iterator[None]:
         os.close(saved)
 
 
-def import_tensorflow() -> None:
+def import_tensorflow(threads: int | None = None) -> None:
+    """Import TensorFlow quietly; `threads` caps its intra-op pool (only before its runtime starts).
+
+    Spark runs one Python worker per concurrent task; each TensorFlow would otherwise size its pool to every
+    core of the machine, and several of them oversubscribe the CPU.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _native_stderr_muted():
         import keras  # noqa: F401
-        import tensorflow  # noqa: F401
+        import tensorflow as tf
+    if threads:
+        with contextlib.suppress(RuntimeError):  # the runtime is already up in this process: keep it
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
 
 
-def load_model_file(descriptor: Descriptor, model_path: Path) -> LoadedBundle:
+def load_model_file(descriptor: Descriptor, model_path: Path, threads: int | None = None) -> LoadedBundle:
     """Load and validate the TensorFlow model behind a descriptor."""
-    import_tensorflow()
+    import_tensorflow(threads)
     if descriptor.model.format == "keras":
         import keras
 
@@ -290,7 +299,7 @@ _worker_cache: dict[str, LoadedBundle] = {}
 _worker_lock = threading.Lock()
 
 
-def load_archive(archive: BundleArchive) -> LoadedBundle:
+def load_archive(archive: BundleArchive, threads: int | None = None) -> LoadedBundle:
     """The archive's model, loaded once per process and kept (Spark reuses Python workers across batches)."""
     with _worker_lock:
         cached = _worker_cache.get(archive.digest)
@@ -304,7 +313,7 @@ def load_archive(archive: BundleArchive) -> LoadedBundle:
                 tar.extractall(tmp, filter="data")
         else:
             target.write_bytes(archive.model_bytes)
-        loaded = load_model_file(archive.descriptor, target)
+        loaded = load_model_file(archive.descriptor, target, threads)
         log.info(
             "loaded model bundle %s %s in worker %d", loaded.descriptor.name, loaded.descriptor.version, os.getpid()
         )

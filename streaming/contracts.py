@@ -100,7 +100,18 @@ def _text_field(body: Mapping[str, Any], name: str, *, required: bool) -> str | 
         raise ParseError(ErrorCode.INVALID_FIELD, f"the field '{name}' must be a non-empty string")
     if len(value) > MAX_FIELD_CHARS:
         raise ParseError(ErrorCode.INVALID_FIELD, f"the field '{name}' is longer than {MAX_FIELD_CHARS} characters")
+    if not _encodable(value):
+        raise ParseError(ErrorCode.INVALID_FIELD, f"the field '{name}' is not valid Unicode text")
     return value
+
+
+def _encodable(text: str) -> bool:
+    """False for text with lone surrogates (valid as JSON escapes, but not writable as UTF-8 downstream)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_reference(value: str | bytes | None) -> Reference:
@@ -136,8 +147,9 @@ def salvage_event_id(value: str | bytes | None) -> str | None:
         body = json.loads(value) if value is not None else None
     except (ValueError, UnicodeDecodeError):
         return None
-    if isinstance(body, dict) and isinstance(body.get("event_id"), str) and body["event_id"].strip():
-        return str(body["event_id"])[:MAX_FIELD_CHARS]
+    event_id = body.get("event_id") if isinstance(body, dict) else None
+    if isinstance(event_id, str) and event_id.strip() and _encodable(event_id):
+        return event_id[:MAX_FIELD_CHARS]
     return None
 
 

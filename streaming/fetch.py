@@ -8,6 +8,7 @@ allow-list check, so a reference cannot probe for files outside the roots.
 
 from __future__ import annotations
 
+import http.client
 import re
 import urllib.error
 import urllib.request
@@ -87,10 +88,13 @@ def _read_limited(stream: IO[bytes], max_bytes: int) -> bytes:
 def host_allowed(netloc: str, scheme: str, allowed: tuple[str, ...]) -> bool:
     """`host` in the allow-list admits any port of that host; `host:port` admits just that port."""
     host_port = netloc.rsplit("@", 1)[-1].lower()
-    host = host_port.rsplit(":", 1)[0] if ":" in host_port and not host_port.endswith("]") else host_port
-    default_port = "443" if scheme == "https" else "80"
-    candidates = {host_port, host if ":" in host_port else f"{host}:{default_port}"}
-    return any(entry in candidates or entry == host for entry in allowed)
+    if host_port.startswith("["):  # an IPv6 literal: its colons are not a port separator
+        host, _, rest = host_port.partition("]")
+        host, port = host + "]", rest.removeprefix(":")
+    else:
+        host, _, port = host_port.partition(":")
+    port = port or ("443" if scheme == "https" else "80")
+    return any(entry in (host, f"{host}:{port}") for entry in allowed)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -132,6 +136,10 @@ def fetch_dicomweb(uri: str, policy: FetchPolicy) -> bytes:
         reason = getattr(exc, "reason", exc)
         raise FetchError(
             ErrorCode.FETCH_FAILED, f"the DICOMweb server could not be reached ({type(reason).__name__})"
+        ) from None
+    except http.client.HTTPException as exc:  # a malformed or truncated answer (e.g. IncompleteRead)
+        raise FetchError(
+            ErrorCode.FETCH_FAILED, f"the DICOMweb answer was malformed or cut short ({type(exc).__name__})"
         ) from None
     return first_part(body, content_type)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -38,7 +39,19 @@ log = logging.getLogger(__name__)
 QUERY_NAME = "cxr-scoring"
 
 
-def scoring_config(settings: Settings) -> ScoringConfig:
+def inference_threads(settings: Settings, spark: SparkSession) -> int | None:
+    """TensorFlow threads per Python worker: the configured number, or the cores each concurrent task owns."""
+    if settings.inference_threads is not None:
+        return settings.inference_threads or None
+    task_cpus = int(spark.sparkContext.getConf().get("spark.task.cpus") or "1")
+    if not (spark.sparkContext.master or "").startswith("local"):
+        return task_cpus  # an executor runs (cores / task cpus) tasks at once, each owning task cpus
+    # Local mode: every task slot shares this machine's cores.
+    slots = max(1, spark.sparkContext.defaultParallelism // task_cpus)
+    return max(1, (os.cpu_count() or 1) // slots)
+
+
+def scoring_config(settings: Settings, threads: int | None = None) -> ScoringConfig:
     """The executors' view of the settings (they never read the environment themselves)."""
     return ScoringConfig(
         fetch=FetchPolicy(
@@ -51,6 +64,7 @@ def scoring_config(settings: Settings) -> ScoringConfig:
         limits=DecodeLimits(max_pixels=settings.max_image_pixels),
         inference_batch_size=settings.inference_batch_size,
         decode_threads=settings.decode_threads,
+        inference_threads=threads,
         results_topic=settings.results_topic,
         dead_letter_topic=settings.dead_letter_topic,
     )
@@ -135,8 +149,9 @@ class ScoringJob:
         descriptor = self.descriptor = archive.descriptor
         self.metrics.set_model(descriptor.name, descriptor.version)
         broadcast = spark.sparkContext.broadcast(archive)
+        config = scoring_config(s, inference_threads(s, spark))
         if s.warmup:
-            workers = warm_up(spark, broadcast, s.inference_batch_size)
+            workers = warm_up(spark, broadcast, config)
             log.info("model %s %s warm in %d Python worker(s)", descriptor.name, descriptor.version, workers)
 
         source = spark.readStream.format("kafka").options(**s.spark_kafka_options())
@@ -144,7 +159,7 @@ class ScoringJob:
         source = source.option("failOnDataLoss", str(s.fail_on_data_loss).lower())
         if s.max_offsets_per_trigger:
             source = source.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
-        outcomes = scored(source.load(), broadcast, scoring_config(s)).observe(OBSERVATION, *observed_columns())
+        outcomes = scored(source.load(), broadcast, config).observe(OBSERVATION, *observed_columns())
 
         self._listener = _Listener(self.metrics, self.health)
         spark.streams.addListener(self._listener)

@@ -42,6 +42,8 @@ class ScoringConfig:
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     inference_batch_size: int = 16
     decode_threads: int = 4
+    #: TensorFlow intra-op threads per Python worker; None lets TensorFlow use every core.
+    inference_threads: int | None = None
     results_topic: str = "cxr.results"
     dead_letter_topic: str = "cxr.dead-letter"
 
@@ -128,27 +130,35 @@ def score_messages(
         row.prep_s = time.perf_counter() - started
 
     pending = [row for row in rows if row.error is None]
-    list(_pool(config.decode_threads).map(_prepare, pending))
-
-    ready = [row for row in pending if row.x is not None]
-    probabilities = np.zeros((0, len(descriptor.labels)))
-    per_image_s = 0.0
-    if ready:
+    pool = _pool(config.decode_threads)
+    futures = [pool.submit(_prepare, row) for row in pending]
+    size = config.inference_batch_size
+    ready: list[tuple[_Row, np.ndarray, float]] = []  # row, probabilities, inference seconds per image
+    # Predict each chunk as soon as its images are decoded, while the pool decodes the next ones
+    # (TensorFlow releases the GIL): decoding and inference overlap instead of taking turns.
+    for start in range(0, len(pending), size):
+        for future in futures[start : start + size]:
+            future.result()
+        batch = [row for row in pending[start : start + size] if row.x is not None]
+        if not batch:
+            continue
         started = time.perf_counter()
         try:
-            probabilities = bundle.predict(
-                np.stack([row.x for row in ready if row.x is not None]), config.inference_batch_size
-            )
-            per_image_s = (time.perf_counter() - started) / len(ready)
+            probabilities = bundle.predict(np.stack([row.x for row in batch if row.x is not None]), size)
         except Exception as exc:
             failure = ScoreError(ErrorCode.MODEL_ERROR, f"the model failed on this batch ({type(exc).__name__})")
-            for row in ready:
+            for row in batch:
                 row.error = failure
-            ready = []
+            continue
+        per_image_s = (time.perf_counter() - started) / len(batch)
+        ready.extend((row, probs, per_image_s) for row, probs in zip(batch, probabilities, strict=True))
 
     scored_at = clock()
     outcomes: dict[int, Outcome] = {}
-    for row, probs in zip(ready, probabilities, strict=True):
+    for row, probs, per_image_s in ready:
+        if not np.all(np.isfinite(probs)):  # NaN/inf cannot be written as JSON: fail this row, not the batch
+            row.error = ScoreError(ErrorCode.MODEL_ERROR, "the model produced a non-finite score for this image")
+            continue
         outcomes[id(row)] = _result(row, probs, descriptor, config, scored_at, per_image_s)
     return [outcomes.get(id(row)) or _dead_letter(row, config, scored_at) for row in rows]
 

@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     inference_batch_size: int = Field(default=16, gt=0)
     arrow_batch_size: int = Field(default=64, gt=0)
     decode_threads: int = Field(default=4, gt=0)
+    #: TensorFlow intra-op threads per Python worker; unset: the cores per concurrent task; 0: TensorFlow's own.
+    inference_threads: int | None = Field(default=None, ge=0)
     warmup: bool = True
 
     # Spark

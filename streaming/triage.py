@@ -66,11 +66,12 @@ def top_finding(scores: Mapping[str, float], normal_labels: Sequence[str], rules
 
 
 PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
+_RANK_BY_NAME: dict[str, int] = {p.value: rank for p, rank in PRIORITY_RANK.items()}
 
 
 def worklist_key(result: Mapping[str, object]) -> tuple[int, float, str]:
     """Sort key of a result on the worklist: priority first, then the strongest finding, then arrival."""
-    rank = PRIORITY_RANK.get(Priority(str(result.get("priority", "ROUTINE"))), len(PRIORITY_RANK))
+    rank = _RANK_BY_NAME.get(str(result.get("priority", "ROUTINE")), len(PRIORITY_RANK))  # unknown: last
     scores = result.get("scores") or {}
     finding = result.get("top_finding")
     strength = float(scores.get(finding, 0.0)) if isinstance(scores, dict) and finding else 0.0

@@ -60,7 +60,7 @@ def score_column(archive: Broadcast[BundleArchive], config: ScoringConfig, recor
 
     @pandas_udf(OUTCOME_SCHEMA)  # type: ignore[call-overload]
     def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        bundle = load_archive(archive.value)
+        bundle = load_archive(archive.value, config.inference_threads)
         for frame in batches:
             yield _frame(score_messages(_messages(frame), bundle, config))
 
@@ -69,7 +69,7 @@ def score_column(archive: Broadcast[BundleArchive], config: ScoringConfig, recor
     return score.asNondeterministic()(record)
 
 
-def warm_up(spark: SparkSession, archive: Broadcast[BundleArchive], batch_size: int) -> int:
+def warm_up(spark: SparkSession, archive: Broadcast[BundleArchive], config: ScoringConfig) -> int:
     """Load the model and trace its graph in the Python workers before the first real micro-batch.
 
     One task per core, so each reusable worker gets one. Returns how many distinct workers were warmed.
@@ -78,8 +78,8 @@ def warm_up(spark: SparkSession, archive: Broadcast[BundleArchive], batch_size: 
 
     @pandas_udf("long")  # type: ignore[call-overload]
     def warm(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        bundle = load_archive(archive.value)
-        bundle.warm_up(batch_size)
+        bundle = load_archive(archive.value, config.inference_threads)
+        bundle.warm_up(config.inference_batch_size)
         for batch in batches:
             yield pd.Series([os.getpid()] * len(batch))
 
