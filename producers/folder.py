@@ -70,8 +70,13 @@ def reference_for(path: Path, kind: str) -> Reference:
 
 
 def scan(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image candidates, skipping hidden files and folders (.incoming/, .Trash/: often half-written)."""
     pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in folder.glob(pattern)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def references(paths: Iterable[Path]) -> Iterator[Reference]:
@@ -85,30 +90,42 @@ def references(paths: Iterable[Path]) -> Iterator[Reference]:
 
 @dataclass
 class FolderWatcher:
-    """Polls a folder; yields each new file once it has stopped changing."""
+    """Polls a folder; yields each new file once it has stopped changing.
+
+    A file replaced under the same name (new size or modification time) is a new image and is announced
+    again; a file that disappears is forgotten, so the memory held is bounded by the folder's contents.
+    """
 
     folder: Path
     recursive: bool = True
     interval_s: float = 1.0
-    seen: set[Path] = field(default_factory=set)
+    #: Files already announced, with the (size, mtime) they had then; `None` for "as found at start-up".
+    seen: dict[Path, tuple[int, int] | None] = field(default_factory=dict)
     _pending: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
     def poll(self) -> list[Path]:
         ready = []
-        for path in scan(self.folder, self.recursive):
-            if path in self.seen:
-                continue
+        present = scan(self.folder, self.recursive)
+        for path in present:
             try:
                 stat = os.stat(path)
             except FileNotFoundError:
                 continue
             signature = (stat.st_size, stat.st_mtime_ns)
+            if path in self.seen:
+                if self.seen[path] is None:
+                    self.seen[path] = signature
+                if self.seen[path] == signature:
+                    continue
             if self._pending.get(path) == signature and stat.st_size > 0:
                 ready.append(path)
-                self.seen.add(path)
+                self.seen[path] = signature
                 self._pending.pop(path, None)
             else:
                 self._pending[path] = signature
+        gone = self.seen.keys() - set(present)
+        for path in gone:
+            del self.seen[path]
         return ready
 
     def watch(self, stop: Callable[[], bool] = lambda: False) -> Iterator[Path]:

@@ -140,7 +140,7 @@ def cmd_produce_folder(args: argparse.Namespace) -> int:
         log.info("published %d reference(s) to %s", sent, settings.input_topic)
         if not args.watch:
             return 0
-        watcher = FolderWatcher(folder, not args.no_recursive, args.interval, seen=set(paths))
+        watcher = FolderWatcher(folder, not args.no_recursive, args.interval, seen=dict.fromkeys(paths))
         log.info("watching for new images (Ctrl-C stops)")
         try:
             for path in watcher.watch():

@@ -84,9 +84,10 @@ def rfc3339(moment: datetime) -> str:
 
 
 def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 date-time: date, time and a zone (`Z` or an offset) are all required."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+    if moment.tzinfo is None or len(text) < len("2000-01-01T00:00Z"):
+        raise ValueError(f"not an RFC 3339 date-time with a zone: {text[:40]!r}")
     return moment
 
 

@@ -170,8 +170,23 @@ def test_watcher_waits_for_a_stable_file_and_yields_it_once(tmp_path: Path) -> N
     assert watcher.poll() == []  # seen once: maybe still being written
     assert watcher.poll() == [path]
     assert watcher.poll() == []
-    # Rewritten in place later: not announced again.
+    # Replaced under the same name later: a new image, announced again once it is stable.
     path.write_bytes(b"\xff\xd8\xff" + b"y" * 20)
+    assert watcher.poll() == []
+    assert watcher.poll() == [path]
+    assert watcher.poll() == []
+    # Removed: forgotten.
+    path.unlink()
+    assert watcher.poll() == [] and path not in watcher.seen
+
+
+def test_watcher_skips_files_present_at_start_and_hidden_folders(tmp_path: Path) -> None:
+    old = tmp_path / "old.jpeg"
+    old.write_bytes(b"\xff\xd8\xff" + b"x" * 10)
+    hidden = tmp_path / ".incoming"
+    hidden.mkdir()
+    (hidden / "partial.jpeg").write_bytes(b"\xff\xd8\xff" + b"x" * 10)
+    watcher = FolderWatcher(tmp_path, seen=dict.fromkeys([old]))
     assert watcher.poll() == [] and watcher.poll() == []
 
 

@@ -239,13 +239,15 @@ def test_rfc3339_is_utc_milliseconds_with_z(moment: datetime, text: str) -> None
     assert rfc3339(moment) == text
 
 
-def test_parse_timestamp_reads_z_offsets_and_naive_as_utc() -> None:
+def test_parse_timestamp_reads_z_and_offsets_and_rejects_zoneless_times() -> None:
     expected = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
     assert parse_timestamp("2024-05-01T10:00:00Z") == expected
     assert parse_timestamp("2024-05-01T10:00:00z") == expected
     assert parse_timestamp("2024-05-01T12:00:00+02:00") == expected
-    assert parse_timestamp("2024-05-01T10:00:00") == expected
     assert parse_timestamp(rfc3339(expected)) == expected
+    for text in ("2024-05-01T10:00:00", "2024-05-01", "2024-05-01T10:00"):
+        with pytest.raises(ValueError):
+            parse_timestamp(text)
 
 
 # ------------------------------------------------------------------------------------------- build_result
