@@ -154,6 +154,25 @@ def cmd_produce_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from streaming.batch import run_batch
+    from streaming.spark import get_session
+
+    source = Path(args.source)
+    settings = load_settings(args)
+    if not source.exists():
+        log.error("no such folder or file: %s", source)
+        return 2
+    spark = get_session(settings, "cxr-batch")
+    try:
+        summary = run_batch(spark, settings, source, args.output)
+    finally:
+        spark.stop()
+    where = args.output or f"{settings.results_topic} / {settings.dead_letter_topic}"
+    log.info("scored %d, dead-lettered %d → %s", summary.scored, summary.dead_letters, where)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streaming.demo import run_demo
 
@@ -175,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     _job(run)
     run.set_defaults(func=cmd_run)
+
+    batch = sub.add_parser("batch", help="score a folder or a JSON-lines file of references in one batch job")
+    _common(batch)
+    _job(batch)
+    batch.add_argument("source", help="a folder of images, or a file with one reference message per line")
+    batch.add_argument("--output", type=Path, help="write results/ and dead-letter/ JSON lines here, not to Kafka")
+    batch.set_defaults(func=cmd_batch)
 
     broker = sub.add_parser("broker", help="an embedded single-node Kafka broker, in the foreground")
     _common(broker)
