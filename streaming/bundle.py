@@ -198,9 +198,10 @@ class LoadedBundle:
         return _activate(logits, self.descriptor.output.activation)
 
     def warm_up(self, batch_size: int) -> None:
-        """One dummy prediction, so graph tracing is paid before the first real image."""
+        """One dummy prediction at the full batch shape, so tracing and kernel set-up are paid before the first
+        real image."""
         spec = self.descriptor.input
-        self.predict(np.zeros((min(batch_size, 2), spec.height, spec.width, spec.channels), np.float32), batch_size)
+        self.predict(np.zeros((batch_size, spec.height, spec.width, spec.channels), np.float32), batch_size)
 
 
 def _compiled_keras(model: Any, descriptor: Descriptor) -> Callable[[np.ndarray], np.ndarray]:

@@ -112,6 +112,7 @@ def run_demo(args: argparse.Namespace, load_settings: Callable[..., Settings]) -
     except KeyboardInterrupt:
         return 0
     finally:
+        console.print()
         with console.status("stopping…"):
             if job is not None:
                 job.stop()

@@ -86,3 +86,34 @@ def test_cxr_broker_command_serves_kafka_python(tmp_path: Path) -> None:
     while not port_is_free(port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert port_is_free(port)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not just a zombie waiting for a parent that no longer exists to reap it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.slow
+def test_broker_never_outlives_a_killed_parent(tmp_path: Path) -> None:
+    script = (
+        "import sys, time; from pathlib import Path\n"
+        "from streaming.broker import EmbeddedBroker\n"
+        "from streaming.jvm import DEFAULT_LIB_DIR\n"
+        "b = EmbeddedBroker(DEFAULT_LIB_DIR, workdir=Path(sys.argv[1])).start()\n"
+        "print(b.port, b._process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "k")], stdout=subprocess.PIPE, text=True)
+    port, pid = map(int, parent.stdout.readline().split())  # type: ignore[union-attr]
+    assert _alive(pid) and not port_is_free(port)
+    parent.kill()  # SIGKILL: no atexit, no finally, no chance to clean up
+    parent.wait(10)
+    deadline = time.monotonic() + 30
+    while (_alive(pid) or not port_is_free(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid)
+    assert port_is_free(port)

@@ -188,8 +188,8 @@ def test_predict_chunks_and_empty_batch() -> None:
     empty = bundle.predict(np.zeros((0, 2, 2, 1), np.float32), 2)
     assert empty.shape == (0, 2)
     assert sizes == [2, 2, 1]
-    bundle.warm_up(16)
-    assert sizes[-1] == 2
+    bundle.warm_up(16)  # at the full batch shape the job will use
+    assert sizes[-1] == 16
 
 
 # ------------------------------------------------------------------------------- a tiny real Keras model
