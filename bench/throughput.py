@@ -138,11 +138,11 @@ def stream(paths: list[Path]) -> float:
             settings.results_topic,
             settings.dead_letter_topic,
             auto_offset_reset="latest",
-            **settings.kafka_python_config(),
+            **settings.kafka_python_config(KafkaConsumer.DEFAULT_CONFIG),
         )
         consumer.poll(timeout_ms=1000)  # join before publishing
         started = time.perf_counter()
-        with ReferencePublisher(settings.input_topic, settings.kafka_python_config()) as publisher:
+        with ReferencePublisher.for_settings(settings) as publisher:
             publisher.send_all(Reference(event_id=str(uuid.uuid4()), uri=p.as_uri()) for p in paths)
         seen = 0
         while seen < len(paths):

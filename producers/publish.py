@@ -9,6 +9,7 @@ from types import TracebackType
 from kafka import KafkaProducer
 
 from streaming.contracts import Reference
+from streaming.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,11 @@ class ReferencePublisher:
     def __init__(self, topic: str, client_config: dict[str, object]) -> None:
         self.topic = topic
         self._producer = KafkaProducer(acks="all", linger_ms=5, **client_config)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ReferencePublisher:
+        """A publisher to the configured input topic, with the configured client settings."""
+        return cls(settings.input_topic, settings.kafka_python_config(KafkaProducer.DEFAULT_CONFIG))
 
     def send(self, ref: Reference) -> None:
         self._producer.send(self.topic, key=ref.key.encode("utf-8"), value=ref.to_json().encode("utf-8"))

@@ -128,7 +128,7 @@ def cmd_produce_folder(args: argparse.Namespace) -> int:
         log.error("not a folder: %s", folder)
         return 2
     sent = 0
-    with ReferencePublisher(settings.input_topic, settings.kafka_python_config()) as publisher:
+    with ReferencePublisher.for_settings(settings) as publisher:
         paths = scan(folder, not args.no_recursive)
         with Progress(transient=True, disable=len(paths) < 50) as progress:
             task = progress.add_task("publishing", total=len(paths))

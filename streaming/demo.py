@@ -105,7 +105,7 @@ def run_demo(args: argparse.Namespace, load_settings: Callable[..., Settings]) -
         console.print(f"[bold]Spark[/] {spark.version} local mode; model {model.name} {model.version} loaded")
         console.print(f"[bold]Metrics[/] http://127.0.0.1:{server.port}/metrics  (health: /healthz, /readyz)")
 
-        with ReferencePublisher(settings.input_topic, settings.kafka_python_config()) as publisher:
+        with ReferencePublisher.for_settings(settings) as publisher:
             sent = publisher.send_all(references(scan(samples)))
         console.print(f"published {sent} chest X-ray references to {settings.input_topic}")
         return _follow(console, settings, sent, args, model.normal_labels)
@@ -132,7 +132,7 @@ def _follow(
         settings.dead_letter_topic,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        **settings.kafka_python_config(),
+        **settings.kafka_python_config(KafkaConsumer.DEFAULT_CONFIG),
     )
     results: list[dict[str, Any]] = []
     dead: list[dict[str, Any]] = []

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+from collections.abc import Collection
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
@@ -64,6 +66,50 @@ def _default_allowed_roots() -> list[Path]:
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+_JAAS_OPTION = re.compile(r'(\w+)\s*=\s*"((?:[^"\\]|\\.)*)"')
+#: Java client settings whose kafka-python spelling is not just dots → underscores.
+_RENAMED = {
+    "ssl.truststore.location": "ssl_cafile",
+    "ssl.keystore.location": "ssl_certfile",
+    "ssl.key.password": "ssl_password",
+}
+
+
+def java_to_kafka_python(java: dict[str, str]) -> dict[str, Any]:
+    """Translate Java Kafka client settings to kafka-python's.
+
+    `sasl.jaas.config` (PLAIN or SCRAM login module) yields the username and password kafka-python takes;
+    trust and key stores carry over when they are PEM files (kafka-python cannot read JKS or PKCS12).
+    """
+    conf: dict[str, Any] = {}
+    pem = java.get("ssl.truststore.type", "").upper() == "PEM" or java.get("ssl.keystore.type", "").upper() == "PEM"
+    for key, value in java.items():
+        if key == "sasl.jaas.config":
+            options = dict(_JAAS_OPTION.findall(value))
+            if "username" in options:
+                conf["sasl_plain_username"] = options["username"]
+            if "password" in options:
+                conf["sasl_plain_password"] = options["password"]
+        elif key in _RENAMED:
+            if pem or value.lower().endswith((".pem", ".crt")):
+                conf[_RENAMED[key]] = value
+        else:
+            conf[key.replace(".", "_")] = _coerce(value)
+    return conf
+
+
+def _coerce(value: str) -> Any:
+    """Environment values are text; kafka-python wants numbers and booleans as such."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
     return value
 
 
@@ -175,10 +221,16 @@ class Settings(BaseSettings):
         """Pass-through client settings with their secrets revealed, keyed the Java way (`security.protocol`)."""
         return {k.lower().replace("_", "."): v.get_secret_value() for k, v in self.kafka.items()}
 
-    def kafka_python_config(self) -> dict[str, Any]:
-        """Keyword arguments for kafka-python clients (which spell settings with underscores)."""
+    def kafka_python_config(self, known: Collection[str] | None = None) -> dict[str, Any]:
+        """Keyword arguments for a kafka-python client, from the same (Java-style) settings Spark gets.
+
+        `known` is the client's accepted keys (e.g. `KafkaProducer.DEFAULT_CONFIG`): kafka-python refuses
+        unknown settings, and the Java client's (`sasl.jaas.config`, JKS stores) are not all its own.
+        """
         conf: dict[str, Any] = {"bootstrap_servers": self.kafka_bootstrap_servers.split(",")}
-        conf.update({k.replace(".", "_"): v for k, v in self.kafka_extra().items()})
+        conf.update(java_to_kafka_python(self.kafka_extra()))
+        if known is not None:
+            conf = {k: v for k, v in conf.items() if k in known}
         return conf
 
     def spark_kafka_options(self) -> dict[str, str]:

@@ -184,7 +184,7 @@ security_protocol = "SSL"
     assert s.metrics_port == 9300
     assert s.spark_kafka_options()["kafka.security.protocol"] == "SSL"
     assert s.spark_kafka_options()["kafka.ssl.truststore.location"] == "/etc/kafka/trust.jks"
-    assert s.kafka_python_config()["ssl_truststore_location"] == "/etc/kafka/trust.jks"
+    assert "ssl_cafile" not in s.kafka_python_config()  # a JKS store is for the Java client only
 
 
 def test_config_file_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -240,3 +240,36 @@ def test_settings_are_frozen() -> None:
     s = Settings.load()
     with pytest.raises(ValidationError):
         s.input_topic = "other"  # type: ignore[misc]
+
+
+def test_java_client_settings_translate_for_kafka_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    monkeypatch.setenv("CXR_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("CXR_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv(
+        "CXR_KAFKA__SASL_JAAS_CONFIG",
+        'org.apache.kafka.common.security.scram.ScramLoginModule required username="cxr" password="s3 \\"cret";',
+    )
+    monkeypatch.setenv("CXR_KAFKA__SSL_TRUSTSTORE_TYPE", "PEM")
+    monkeypatch.setenv("CXR_KAFKA__SSL_TRUSTSTORE_LOCATION", "/etc/kafka/ca.pem")
+    monkeypatch.setenv("CXR_KAFKA__LINGER_MS", "20")  # a producer setting
+    s = Settings.load()
+    # Spark (the Java client) gets the settings as written...
+    assert s.spark_kafka_options()["kafka.sasl.jaas.config"].startswith("org.apache.kafka")
+    # ...kafka-python gets its own spelling, and only what the client accepts.
+    producer = s.kafka_python_config(KafkaProducer.DEFAULT_CONFIG)
+    assert producer["sasl_plain_username"] == "cxr"
+    assert producer["sasl_plain_password"] == 's3 \\"cret'
+    assert producer["ssl_cafile"] == "/etc/kafka/ca.pem"
+    assert producer["linger_ms"] == 20
+    assert "sasl_jaas_config" not in producer and "ssl_truststore_type" not in producer
+    consumer = s.kafka_python_config(KafkaConsumer.DEFAULT_CONFIG)
+    assert "linger_ms" not in consumer and consumer["security_protocol"] == "SASL_SSL"
+
+
+def test_jks_stores_are_not_handed_to_kafka_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_KAFKA__SSL_TRUSTSTORE_LOCATION", "/etc/kafka/truststore.jks")
+    s = Settings.load()
+    assert "ssl_cafile" not in s.kafka_python_config()
+    assert s.spark_kafka_options()["kafka.ssl.truststore.location"] == "/etc/kafka/truststore.jks"
