@@ -12,6 +12,7 @@ import base64
 import contextlib
 import ctypes
 import logging
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,10 +48,21 @@ logger.apache.level = INFO
 """
 
 
+def free_ports(count: int, host: str = "127.0.0.1", exclude: tuple[int, ...] = ()) -> list[int]:
+    """`count` distinct free ports: all held open together while choosing, so none is handed out twice."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+            if port not in exclude:
+                ports.append(port)
+        return ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -73,6 +85,10 @@ class BrokerError(RuntimeError):
     pass
 
 
+class _StartupExit(BrokerError):
+    """The broker process ended while starting (most often: a port was taken meanwhile)."""
+
+
 class EmbeddedBroker:
     """`with EmbeddedBroker(lib_dir) as broker: broker.bootstrap_servers`."""
 
@@ -87,12 +103,18 @@ class EmbeddedBroker:
     ) -> None:
         self.lib_dir = lib_dir
         self.host = host
-        self.port = port or free_port(host)
-        self.controller_port = free_port(host)
+        self._fixed_port = port
+        self.port, self.controller_port = self._choose_ports()
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="cxr-kafka-"))
         self.heap = heap
         self._process: subprocess.Popen[bytes] | None = None
+
+    def _choose_ports(self) -> tuple[int, int]:
+        if self._fixed_port:
+            return self._fixed_port, free_ports(1, self.host, exclude=(self._fixed_port,))[0]
+        listener, controller = free_ports(2, self.host)
+        return listener, controller
 
     @property
     def bootstrap_servers(self) -> str:
@@ -150,9 +172,22 @@ class EmbeddedBroker:
             *args,
         ]
 
-    def start(self, timeout_s: float = 90.0) -> EmbeddedBroker:
+    def start(self, timeout_s: float = 90.0, attempts: int = 3) -> EmbeddedBroker:
+        """Start and wait until it answers; with ports of its own choosing, retry on a lost race for a port."""
         if self.running:
             return self
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except _StartupExit:
+                if self._fixed_port or attempt == attempts:
+                    raise
+                log.info("the Kafka broker could not start on its ports; trying others")
+                shutil.rmtree(self.workdir / "data", ignore_errors=True)
+                self.port, self.controller_port = self._choose_ports()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> EmbeddedBroker:
         config = self._write_config()
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         fmt = subprocess.run(
@@ -181,7 +216,7 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.running:
-                raise BrokerError(f"the Kafka broker exited during start-up; see {self.log_file}\n{self._log_tail()}")
+                raise _StartupExit(f"the Kafka broker exited during start-up; see {self.log_file}\n{self._log_tail()}")
             if not self._accepts_connections():
                 time.sleep(0.2)
                 continue
@@ -234,8 +269,6 @@ class EmbeddedBroker:
                 process.kill()
                 process.wait(10)
         if self._own_workdir:
-            import shutil
-
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedBroker:

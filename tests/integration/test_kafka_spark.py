@@ -108,7 +108,9 @@ def test_broker_never_outlives_a_killed_parent(tmp_path: Path) -> None:
         "time.sleep(600)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "k")], stdout=subprocess.PIPE, text=True)
-    port, pid = map(int, parent.stdout.readline().split())  # type: ignore[union-attr]
+    line = parent.stdout.readline()  # type: ignore[union-attr]
+    assert line, "the child did not start its broker"
+    port, pid = map(int, line.split())
     assert _alive(pid) and not port_is_free(port)
     parent.kill()  # SIGKILL: no atexit, no finally, no chance to clean up
     parent.wait(10)
