@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-import time
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -58,12 +58,35 @@ def load_settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings.load(getattr(args, "config", None), **overrides)
 
 
-class _Stop(Exception):
-    """Raised in the main thread by SIGTERM, handled like Ctrl-C: stop everything in order."""
+class StopSignal:
+    """Ctrl-C and SIGTERM ask the running command to stop; it notices between steps and stops in order.
+
+    Raising from a signal handler would land inside whatever the main thread is doing (often a py4j call
+    into Spark, which then loses its connection), so the handler only sets an event. A second signal forces
+    a KeyboardInterrupt for the impatient.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        log.info("stopping (signal %d); again to force", signum)
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self.event.wait(timeout_s)
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Stop()
+stop = StopSignal()
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -78,10 +101,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
         print(broker.bootstrap_servers, flush=True)
         log.info("Kafka %s ready; topics: %s. Ctrl-C stops it.", broker.bootstrap_servers, ", ".join(topics))
         while broker.running:
-            time.sleep(0.5)
+            if stop.wait(0.5):
+                return 0
         log.error("the broker exited; see %s", broker.log_file)
         return 1
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:
         return 0
     finally:
         broker.stop()
@@ -100,15 +124,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         query = job.start()
         log.info("scoring %s → %s / %s", settings.input_topic, settings.results_topic, settings.dead_letter_topic)
-        while query.isActive:
-            query.awaitTermination(1)
+        while query.isActive and not stop.wait(1.0):
+            pass
         failure = query.exception()
         if failure is not None:
             log.error("the scoring query failed: %s", str(failure).splitlines()[0])
             return 1
         return 0
-    except (KeyboardInterrupt, _Stop):
-        log.info("stopping")
+    except KeyboardInterrupt:
         return 0
     finally:
         job.stop()
@@ -143,13 +166,13 @@ def cmd_produce_folder(args: argparse.Namespace) -> int:
         watcher = FolderWatcher(folder, not args.no_recursive, args.interval, seen=dict.fromkeys(paths))
         log.info("watching for new images (Ctrl-C stops)")
         try:
-            for path in watcher.watch():
+            for path in watcher.watch(stop=stop.is_set):
                 for ref in references([path]):
                     publisher.send(ref)
                     publisher.flush()
                     sent += 1
                     log.info("published reference %d", sent)
-        except (KeyboardInterrupt, _Stop):
+        except KeyboardInterrupt:
             pass
     return 0
 
@@ -176,7 +199,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from streaming.demo import run_demo
 
-    return run_demo(args, load_settings)
+    return run_demo(args, load_settings, stop.is_set)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    stop.install()
     try:
         return int(args.func(args))
     except Exception as exc:  # a clear one-line error for the operator; the traceback at debug level

@@ -69,7 +69,9 @@ def worklist_table(
     return Group(*lines)
 
 
-def run_demo(args: argparse.Namespace, load_settings: Callable[..., Settings]) -> int:
+def run_demo(
+    args: argparse.Namespace, load_settings: Callable[..., Settings], should_stop: Callable[[], bool] = lambda: False
+) -> int:
     console = Console()
     workdir = Path(tempfile.mkdtemp(prefix="cxr-demo-"))
     samples = sample_images_dir()
@@ -108,7 +110,7 @@ def run_demo(args: argparse.Namespace, load_settings: Callable[..., Settings]) -
         with ReferencePublisher.for_settings(settings) as publisher:
             sent = publisher.send_all(references(scan(samples)))
         console.print(f"published {sent} chest X-ray references to {settings.input_topic}")
-        return _follow(console, settings, sent, args, model.normal_labels)
+        return _follow(console, settings, sent, args, model.normal_labels, should_stop)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -125,7 +127,12 @@ def run_demo(args: argparse.Namespace, load_settings: Callable[..., Settings]) -
 
 
 def _follow(
-    console: Console, settings: Settings, expected: int, args: argparse.Namespace, normal_labels: tuple[str, ...]
+    console: Console,
+    settings: Settings,
+    expected: int,
+    args: argparse.Namespace,
+    normal_labels: tuple[str, ...],
+    should_stop: Callable[[], bool],
 ) -> int:
     consumer = KafkaConsumer(
         settings.results_topic,
@@ -137,25 +144,26 @@ def _follow(
     results: list[dict[str, Any]] = []
     dead: list[dict[str, Any]] = []
     started = time.monotonic()
+    done_at: float | None = None
     try:
         with Live(
             worklist_table(results, dead, expected, normal_labels), console=console, refresh_per_second=4
         ) as live:
-            while True:
+            while not should_stop():
                 for records in consumer.poll(timeout_ms=500).values():
                     for record in records:
                         body = json.loads(record.value)
                         (results if record.topic == settings.results_topic else dead).append(body)
                     live.update(worklist_table(results, dead, expected, normal_labels))
-                done = len(results) + len(dead) >= expected
-                if args.exit_when_done and done:
+                if done_at is None and len(results) + len(dead) >= expected:
+                    done_at = time.monotonic()
+                    hint = "" if args.exit_when_done else "; Ctrl-C stops the demo"
+                    live.console.print(f"all {expected} answered in {done_at - started:.1f} s{hint}")
+                if args.exit_when_done and done_at is not None:
                     break
                 if args.exit_when_done and time.monotonic() - started > args.timeout:
                     console.print(f"[red]timed out after {args.timeout:.0f} s[/]")
                     return 1
-        elapsed = time.monotonic() - started
-        console.print()
-        console.print(f"all {expected} references answered in {elapsed:.1f} s ({expected / elapsed:.2f} images/s)")
-        return 0 if len(results) + len(dead) >= expected else 1
+        return 0 if done_at is not None or should_stop() else 1
     finally:
         consumer.close()

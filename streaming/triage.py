@@ -69,10 +69,20 @@ PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
 _RANK_BY_NAME: dict[str, int] = {p.value: rank for p, rank in PRIORITY_RANK.items()}
 
 
-def worklist_key(result: Mapping[str, object]) -> tuple[int, float, str]:
+def finding_strength(result: Mapping[str, object], normal_labels: Sequence[str] = ()) -> float:
+    """How strongly a result suggests disease: its top finding's score, or, when the model's normal labels
+    are known, the highest non-normal score even below the reporting threshold (so ROUTINE studies are
+    ordered too)."""
+    scores = result.get("scores")
+    if not isinstance(scores, dict):
+        return 0.0
+    if normal_labels:
+        return max((float(v) for k, v in scores.items() if k not in normal_labels), default=0.0)
+    finding = result.get("top_finding")
+    return float(scores.get(finding, 0.0)) if finding else 0.0
+
+
+def worklist_key(result: Mapping[str, object], normal_labels: Sequence[str] = ()) -> tuple[int, float, str]:
     """Sort key of a result on the worklist: priority first, then the strongest finding, then arrival."""
     rank = _RANK_BY_NAME.get(str(result.get("priority", "ROUTINE")), len(PRIORITY_RANK))  # unknown: last
-    scores = result.get("scores") or {}
-    finding = result.get("top_finding")
-    strength = float(scores.get(finding, 0.0)) if isinstance(scores, dict) and finding else 0.0
-    return rank, -strength, str(result.get("sent_at", ""))
+    return rank, -finding_strength(result, normal_labels), str(result.get("sent_at", ""))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from streaming.triage import Priority, Threshold, TriageRules, priority, top_finding, worklist_key
+from streaming.triage import (
+    Priority,
+    Threshold,
+    TriageRules,
+    finding_strength,
+    priority,
+    top_finding,
+    worklist_key,
+)
 
 PNEUMONIA_RULES = TriageRules(thresholds=(Threshold(label="PNEUMONIA", stat=0.9, urgent=0.5),), finding_threshold=0.5)
 
@@ -141,3 +149,11 @@ def test_worklist_puts_unknown_priorities_last_instead_of_failing(unknown: str |
     odd = {"priority": unknown, "top_finding": None, "scores": {}, "sent_at": "a"}
     routine = result("ROUTINE", None, 0.1, "b")
     assert sorted([odd, routine], key=worklist_key) == [routine, odd]
+
+
+def test_worklist_orders_routine_studies_by_their_strongest_non_normal_score() -> None:
+    weak = {"priority": "ROUTINE", "top_finding": None, "scores": {"NORMAL": 0.9, "PNEUMONIA": 0.1}, "sent_at": "a"}
+    closer = {"priority": "ROUTINE", "top_finding": None, "scores": {"NORMAL": 0.55, "PNEUMONIA": 0.45}, "sent_at": "b"}
+    assert sorted([weak, closer], key=lambda r: worklist_key(r, ("NORMAL",))) == [closer, weak]
+    assert finding_strength(closer, ("NORMAL",)) == 0.45
+    assert finding_strength(closer) == 0.0  # without the normal labels only a reported finding counts

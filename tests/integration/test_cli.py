@@ -1,0 +1,139 @@
+"""The `cxr` commands as an operator runs them: separate processes against the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from streaming.broker import free_port
+from streaming.contracts import Reference
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def cxr(*args: str, env: dict[str, str], **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streaming.cli", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def kafka_env(kafka_broker, topics: dict[str, str]) -> dict[str, str]:
+    return {
+        "CXR_KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+        **{f"CXR_{name.upper()}": topic for name, topic in topics.items()},
+    }
+
+
+def status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_produce_folder_publishes_existing_and_new_images(kafka_broker, topics, consume, sample_jpegs, tmp_path):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for path in sample_jpegs[:2]:
+        shutil.copy(path, folder / path.name)
+    (folder / "README.txt").write_text("not an image")
+    proc = cxr("produce", "folder", str(folder), "--watch", "--interval", "0.2", env=kafka_env(kafka_broker, topics))
+    try:
+        first = consume([topics["input_topic"]], 2, timeout_s=60)
+        assert len(first) == 2
+        shutil.copy(sample_jpegs[2], folder / "new.jpeg")
+        every = consume([topics["input_topic"]], 3, timeout_s=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    refs = [json.loads(r.value) for r in every]
+    assert sorted(Path(r["uri"].removeprefix("file://")).name for r in refs) == sorted(
+        [sample_jpegs[0].name, sample_jpegs[1].name, "new.jpeg"]
+    )
+    assert all(r["schema"] == "cxr.reference/v1" and r["sent_at"].endswith("Z") for r in refs)
+    assert len({r["event_id"] for r in refs}) == 3
+
+
+def test_run_scores_until_sigterm_and_exits_cleanly(kafka_broker, topics, produce, consume, sample_jpegs, tmp_path):
+    port = free_port()
+    env = {
+        **kafka_env(kafka_broker, topics),
+        "CXR_ALLOWED_ROOTS": str(sample_jpegs[0].parent),
+        "CXR_CHECKPOINT_DIR": str(tmp_path / "checkpoint"),
+        "CXR_METRICS_PORT": str(port),
+        "CXR_SPARK_MASTER": "local[2]",
+        "CXR_SPARK_DRIVER_MEMORY": "1g",
+    }
+    proc = cxr("run", env=env)
+    try:
+        refs = [Reference(event_id=str(uuid.uuid4()), uri=p.as_uri()) for p in sample_jpegs[:2]]
+        produce(topics["input_topic"], [r.to_json() for r in refs])
+        results = consume([topics["results_topic"]], 2, timeout_s=240)
+        assert {json.loads(r.value)["event_id"] for r in results} == {r.event_id for r in refs}
+        assert wait_for(lambda: status(f"http://127.0.0.1:{port}/readyz") == 200, 60)
+        assert status(f"http://127.0.0.1:{port}/healthz") == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+
+
+def test_run_exits_non_zero_when_the_query_fails(kafka_broker, topics, produce, sample_jpegs, tmp_path):
+    env = {
+        **kafka_env(kafka_broker, topics),
+        "CXR_RESULTS_TOPIC": f"missing.{uuid.uuid4().hex[:8]}",  # not created; the broker does not auto-create
+        "CXR_KAFKA__MAX_BLOCK_MS": "3000",
+        "CXR_ALLOWED_ROOTS": str(sample_jpegs[0].parent),
+        "CXR_CHECKPOINT_DIR": str(tmp_path / "checkpoint"),
+        "CXR_METRICS_PORT": str(free_port()),
+        "CXR_SPARK_MASTER": "local[1]",
+        "CXR_SPARK_DRIVER_MEMORY": "1g",
+    }
+    produce(topics["input_topic"], [Reference(event_id="e1", uri=sample_jpegs[0].as_uri()).to_json()])
+    proc = cxr("run", env=env)
+    try:
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, output[-3000:]
+    assert "the scoring query failed" in output
+
+
+def test_demo_scores_the_sixteen_samples_and_exits_when_done(tmp_path):
+    env = {"CXR_METRICS_PORT": "0", "CXR_SPARK_DRIVER_MEMORY": "1g", "COLUMNS": "120"}
+    proc = cxr("demo", "--exit-when-done", "--timeout", "300", env=env, cwd=tmp_path)
+    output = proc.communicate(timeout=420)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "16 scored, 0 dead-lettered, 16/16 done" in output
+    assert "STAT" in output and "ROUTINE" in output
+    assert "/metrics" in output
+    assert "stopped cleanly" in output
