@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -40,15 +39,15 @@ QUERY_NAME = "cxr-scoring"
 
 
 def inference_threads(settings: Settings, spark: SparkSession) -> int | None:
-    """TensorFlow threads per Python worker: the configured number, or the cores each concurrent task owns."""
-    if settings.inference_threads is not None:
-        return settings.inference_threads or None
-    task_cpus = int(spark.sparkContext.getConf().get("spark.task.cpus") or "1")
-    if not (spark.sparkContext.master or "").startswith("local"):
-        return task_cpus  # an executor runs (cores / task cpus) tasks at once, each owning task cpus
-    # Local mode: every task slot shares this machine's cores.
-    slots = max(1, spark.sparkContext.defaultParallelism // task_cpus)
-    return max(1, (os.cpu_count() or 1) // slots)
+    """TensorFlow threads per Python worker, as the session was configured for them (see `spark.worker_threads`).
+
+    Spark gives each Python worker OMP_NUM_THREADS (the task's cores, or what cxr-stream set); TensorFlow's
+    pool is sized to match, so concurrent workers do not oversubscribe the CPU.
+    """
+    if settings.inference_threads == 0:
+        return None  # TensorFlow's own choice
+    conf = spark.sparkContext.getConf()
+    return int(conf.get("spark.executorEnv.OMP_NUM_THREADS") or conf.get("spark.task.cpus") or "1")
 
 
 def scoring_config(settings: Settings, threads: int | None = None) -> ScoringConfig:

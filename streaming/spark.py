@@ -9,6 +9,7 @@ and, for streaming queries, `spark.sql.streaming.metricsEnabled`.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +40,25 @@ def connector_jars(lib_dir: Path) -> list[Path]:
     return found
 
 
-def base_conf(settings: Settings) -> dict[str, str]:
+def local_slots(master: str) -> int | None:
+    """Concurrent tasks of a local master (`local`, `local[4]`, `local[*]`, `local[4,2]`); None if not local."""
+    match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", master.strip())
+    if match is None:
+        return None
+    slots = match.group(1)
+    return os.cpu_count() or 1 if slots == "*" else int(slots or 1)
+
+
+def worker_threads(settings: Settings, master: str | None) -> int | None:
+    """Threads for each Python worker's TensorFlow: configured, or in local mode the machine's cores shared
+    among the task slots. None on a cluster, where Spark's default (the task's cores) is right."""
+    if settings.inference_threads is not None:
+        return settings.inference_threads or None
+    slots = local_slots(master) if master else None
+    return max(1, (os.cpu_count() or 1) // slots) if slots else None
+
+
+def base_conf(settings: Settings, master: str | None = "local[*]") -> dict[str, str]:
     """The configuration every cxr-stream session starts from; `settings.spark_conf` overrides any of it."""
     conf = {
         "spark.jars": ",".join(str(p) for p in connector_jars(settings.jvm_lib_dir)),
@@ -61,6 +80,9 @@ def base_conf(settings: Settings) -> dict[str, str]:
         "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
         "spark.sql.ui.retainedExecutions": "50",
     }
+    threads = worker_threads(settings, master)
+    if threads:
+        conf["spark.executorEnv.OMP_NUM_THREADS"] = str(threads)
     conf.update(settings.spark_conf)
     return conf
 
@@ -74,11 +96,12 @@ def get_session(settings: Settings, app_name: str = "cxr-stream") -> SparkSessio
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     builder = SparkSession.builder.appName(app_name)
-    if settings.spark_master:
-        builder = builder.master(settings.spark_master)
-    elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit
-        builder = builder.master("local[*]")
-    for key, value in base_conf(settings).items():
+    master = settings.spark_master
+    if master is None and "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit
+        master = "local[*]"
+    if master is not None:
+        builder = builder.master(master)
+    for key, value in base_conf(settings, master).items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel(settings.spark_log_level)

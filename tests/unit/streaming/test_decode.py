@@ -15,78 +15,32 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.dataset import Dataset
 from pydicom.pixels import get_encoder
-from pydicom.uid import (
-    UID,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGLSLossless,
-    RLELossless,
-    generate_uid,
-)
+from pydicom.uid import UID, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from streaming.decode import DecodeLimits, decode_image, sniff_format
 from streaming.errors import DecodeError, ErrorCode, Stage
 from streaming.preprocess import InputSpec, Scaling, to_model_input
+from xray_files import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    dicom_bytes,
+    encapsulated,
+    image_dataset,
+    jpeg_bytes,
+    new_dataset,
+    pillow_pixels,
+    png_bytes,
+    rescaled_windowed_12bit,
+)
 
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-PATIENT_NAME = "Doe^Jane"
-PATIENT_ID = "PID-0042-SECRET"
 MODEL_SPEC = InputSpec(150, 150, 3)
 XCEPTION = Scaling("xception")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-def pillow_pixels(data: bytes) -> np.ndarray:
-    with Image.open(BytesIO(data)) as img:
-        return np.asarray(img)
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def jpeg_bytes(img: Image.Image, **options: Any) -> bytes:
-    buf = BytesIO()
-    img.save(buf, "JPEG", **options)
-    return buf.getvalue()
-
-
-def new_dataset(sop_class: str = DX_FOR_PRESENTATION) -> Dataset:
-    """A minimal DX dataset carrying (fake) patient data, so reasons can be checked for leaks."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.PatientName = PATIENT_NAME
-    ds.PatientID = PATIENT_ID
-    return ds
-
-
-def image_dataset(arr: np.ndarray, interpretation: str = "MONOCHROME2", bits_stored: int = 8) -> Dataset:
-    ds = new_dataset()
-    ds.set_pixel_data(arr, interpretation, bits_stored)
-    return ds
-
-
-def dicom_bytes(ds: Dataset) -> bytes:
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def encapsulated(ds: Dataset, tsyntax: str, frames: list[bytes]) -> Dataset:
-    ds.file_meta.TransferSyntaxUID = UID(tsyntax)
-    ds.PixelData = encapsulate(frames)
-    return ds
 
 
 def decoded(data: bytes, **kwargs: Any) -> np.ndarray:
@@ -257,13 +211,9 @@ def test_dicom_monochrome1_is_inverted_for_display(xray: tuple[bytes, np.ndarray
 
 def test_dicom_12bit_with_rescale_and_window_maps_back_to_8bit(xray: tuple[bytes, np.ndarray]) -> None:
     _, pixels = xray
-    stored = pixels.astype(np.uint16) * 16  # 0..4080, 12 bits stored
-    ds = image_dataset(stored, bits_stored=12)
-    ds.RescaleSlope = "0.5"
-    ds.RescaleIntercept = "-100"  # modality values 8v - 100, i.e. -100..1940
-    # LINEAR window whose edges are exactly -100 and 1940: (c - 0.5) -/+ (w - 1) / 2
-    ds.WindowCenter = "920.5"
-    ds.WindowWidth = "2041"
+    ds = rescaled_windowed_12bit(pixels)  # stored 16v (12 bits), modality 8v - 100, window edges -100 and 1940
+    assert (ds.BitsStored, ds.RescaleSlope, ds.RescaleIntercept) == (12, 0.5, -100)
+    assert (ds.WindowCenter, ds.WindowWidth) == (920.5, 2041)
     out = decoded(dicom_bytes(ds))
     assert np.abs(out.astype(int) - pixels).max() <= 1
     assert out[pixels == 0].max(initial=0) == 0 and out[pixels == 255].min(initial=255) == 255
