@@ -98,25 +98,9 @@ def produce(kafka_broker: object) -> Iterator[object]:
 @pytest.fixture
 def consume(kafka_broker: object) -> object:
     """`consume([topic, ...], n, timeout_s)`: read until n records arrived (or time ran out); returns them."""
-    import time
-
-    from kafka import KafkaConsumer
+    from probes import read_records
 
     def read(topic_names: list[str], n: int, timeout_s: float = 120.0) -> list[object]:
-        consumer = KafkaConsumer(
-            *topic_names,
-            bootstrap_servers=kafka_broker.bootstrap_servers,  # type: ignore[attr-defined]
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-        )
-        records: list[object] = []
-        deadline = time.monotonic() + timeout_s
-        try:
-            while len(records) < n and time.monotonic() < deadline:
-                for batch in consumer.poll(timeout_ms=500).values():
-                    records.extend(batch)
-        finally:
-            consumer.close()
-        return records
+        return read_records(kafka_broker.bootstrap_servers, topic_names, n, timeout_s)  # type: ignore[attr-defined]
 
     return read

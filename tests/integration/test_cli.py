@@ -9,13 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
+from probes import http_status
 from streaming.broker import free_port
 from streaming.contracts import Reference
 
@@ -38,16 +37,6 @@ def kafka_env(kafka_broker, topics: dict[str, str]) -> dict[str, str]:
         "CXR_KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
         **{f"CXR_{name.upper()}": topic for name, topic in topics.items()},
     }
-
-
-def status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return 0
 
 
 def wait_for(predicate, timeout_s: float) -> bool:
@@ -99,8 +88,8 @@ def test_run_scores_until_sigterm_and_exits_cleanly(kafka_broker, topics, produc
         produce(topics["input_topic"], [r.to_json() for r in refs])
         results = consume([topics["results_topic"]], 2, timeout_s=240)
         assert {json.loads(r.value)["event_id"] for r in results} == {r.event_id for r in refs}
-        assert wait_for(lambda: status(f"http://127.0.0.1:{port}/readyz") == 200, 60)
-        assert status(f"http://127.0.0.1:{port}/healthz") == 200
+        assert wait_for(lambda: http_status(f"http://127.0.0.1:{port}/readyz") == 200, 60)
+        assert http_status(f"http://127.0.0.1:{port}/healthz") == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=120)[0]

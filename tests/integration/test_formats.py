@@ -18,9 +18,9 @@ from typing import Any
 
 import pydicom
 import pytest
-from kafka import KafkaConsumer
 from pydicom.uid import generate_uid
 
+from probes import read_records
 from producers.folder import references, scan
 from producers.publish import ReferencePublisher
 from streaming.contracts import Reference
@@ -118,18 +118,8 @@ def run(
     job = ScoringJob.create(settings, spark)
     job.start()
     try:
-        consumer = KafkaConsumer(
-            topics["results_topic"],
-            topics["dead_letter_topic"],
-            bootstrap_servers=kafka_broker.bootstrap_servers,
-            auto_offset_reset="earliest",
-        )
-        records: list[Any] = []
-        deadline = time.monotonic() + 240
-        while len(records) < len(refs) and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        consumer.close()
+        outputs = [topics["results_topic"], topics["dead_letter_topic"]]
+        records = read_records(kafka_broker.bootstrap_servers, outputs, len(refs), timeout_s=240)
     finally:
         job.stop()
     seconds = time.monotonic() - started

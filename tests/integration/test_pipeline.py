@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from probes import http_get, read_records
 from streaming.contracts import Reference
 from streaming.metrics import MetricsServer
 from streaming.pipeline import ScoringJob
@@ -87,14 +87,6 @@ def job_settings(base: Settings, topics: dict[str, str], tmp: Path, roots: list[
     )
 
 
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 @pytest.fixture(scope="module")
 def run(spark, spark_settings, kafka_broker, sample_jpegs, tmp_path_factory) -> Run:
     tmp = tmp_path_factory.mktemp("pipeline")
@@ -121,20 +113,8 @@ def run(spark, spark_settings, kafka_broker, sample_jpegs, tmp_path_factory) -> 
     server = MetricsServer(job.metrics, job.health, "127.0.0.1", 0).start()
     job.start()
     try:
-        from kafka import KafkaConsumer
-
-        consumer = KafkaConsumer(
-            topics["results_topic"],
-            topics["dead_letter_topic"],
-            bootstrap_servers=kafka_broker.bootstrap_servers,
-            auto_offset_reset="earliest",
-        )
-        records: list[Any] = []
-        deadline = time.monotonic() + 240
-        while len(records) < len(values) and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        consumer.close()
+        outputs = [topics["results_topic"], topics["dead_letter_topic"]]
+        records = read_records(kafka_broker.bootstrap_servers, outputs, len(values), timeout_s=240)
         # The listener reports a batch just after its commit; wait for the figures to include it.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

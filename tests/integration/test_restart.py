@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
+from probes import http_status
 from streaming.contracts import Reference
 from streaming.metrics import MetricsServer
 from streaming.pipeline import ScoringJob
@@ -60,14 +59,6 @@ def test_restart_on_the_same_checkpoint_resumes_without_loss(
     assert broken.event_id in _event_ids([r for r in records if r.topic == topics["dead_letter_topic"]])
 
 
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
 def test_readyz_turns_ready_while_running_and_not_ready_when_the_query_fails(
     spark, spark_settings, topics, produce, sample_jpegs, tmp_path: Path
 ) -> None:
@@ -87,21 +78,21 @@ def test_readyz_turns_ready_while_running_and_not_ready_when_the_query_fails(
     server = MetricsServer(job.metrics, job.health, "127.0.0.1", 0).start()
     base = f"http://127.0.0.1:{server.port}"
     try:
-        assert _status(f"{base}/healthz") == 200
-        assert _status(f"{base}/readyz") == 503  # not started yet
+        assert http_status(f"{base}/healthz") == 200
+        assert http_status(f"{base}/readyz") == 503  # not started yet
         job.start()
         assert job.wait_for_batches(1, timeout_s=120)
-        assert _status(f"{base}/readyz") == 200  # running, idle, progressing
+        assert http_status(f"{base}/readyz") == 200  # running, idle, progressing
         produce(topics["input_topic"], [Reference(event_id="e1", uri=sample_jpegs[0].as_uri()).to_json()])
         deadline = time.monotonic() + 120
         while job.query.isActive and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not job.query.isActive and job.query.exception() is not None
         deadline = time.monotonic() + 30
-        while _status(f"{base}/readyz") != 503 and time.monotonic() < deadline:
+        while http_status(f"{base}/readyz") != 503 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _status(f"{base}/readyz") == 503
-        assert _status(f"{base}/healthz") == 200
+        assert http_status(f"{base}/readyz") == 503
+        assert http_status(f"{base}/healthz") == 200
     finally:
         job.stop()
         server.stop()

@@ -1,0 +1,41 @@
+"""Observing the system under test from outside: its topics and its HTTP endpoints."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from kafka import KafkaConsumer
+
+
+def read_records(bootstrap_servers: str, topics: list[str], n: int, timeout_s: float = 120.0) -> list[Any]:
+    """Read from the beginning until `n` records arrived (or time ran out); returns what arrived."""
+    consumer = KafkaConsumer(
+        *topics, bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < n and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+    finally:
+        consumer.close()
+    return records
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body; status 0 when nothing answers (yet)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def http_status(url: str) -> int:
+    return http_get(url)[0]
