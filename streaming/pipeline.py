@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
 
@@ -69,8 +69,8 @@ def scoring_config(settings: Settings, threads: int | None = None) -> ScoringCon
     )
 
 
-def kafka_record(df: DataFrame) -> Any:
-    """The struct the scorer reads from a Kafka source row."""
+def kafka_record() -> Column:
+    """The struct the scorer reads from a Kafka source row (or a batch row shaped like one)."""
     return F.struct(
         F.col("value").cast("string").alias("value"),
         F.col("topic"),
@@ -82,7 +82,7 @@ def kafka_record(df: DataFrame) -> Any:
 
 def scored(df: DataFrame, archive: Broadcast[bundles.BundleArchive], config: ScoringConfig) -> DataFrame:
     """Kafka rows → outcome rows (topic, key, value and the metric columns)."""
-    return df.select(score_column(archive, config, kafka_record(df)).alias("o")).select("o.*")
+    return df.select(score_column(archive, config, kafka_record()).alias("o")).select("o.*")
 
 
 class _Listener(StreamingQueryListener):
