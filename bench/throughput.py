@@ -3,6 +3,8 @@
 Peers, all scoring the same N references (the sixteen sample chest X-rays, repeated):
   keras-loop        plain Keras: load_img(nearest, 150x150) -> preprocess -> model.predict, batches of B
   keras-eager       the same inputs through eager `model(x)` calls (what an uncompiled UDF would do)
+  infer-eager       inference alone on already decoded inputs, eager `model(x)` per batch
+  infer-graph       inference alone, through cxr-stream's compiled (tf.function) predict
   scorer            cxr-stream's per-row core (parse, fetch, decode, preprocess, compiled predict, triage,
                     message) in-process, no Spark, no Kafka
   stream            the whole system: embedded Kafka broker -> Spark Structured Streaming job -> Kafka,
@@ -26,6 +28,7 @@ import numpy as np
 
 from streaming import bundle as bundles
 from streaming.contracts import Reference, Source
+from streaming.fetch import FetchPolicy
 from streaming.scoring import RawMessage, ScoringConfig, score_messages
 from streaming.settings import Settings, default_bundle_dir, sample_images_dir
 
@@ -78,10 +81,17 @@ def main() -> None:
         for i in range(0, len(x), args.batch):
             tf.nn.softmax(model(x[i : i + args.batch], training=False))
 
-    config = ScoringConfig(inference_batch_size=args.batch)
+    decoded = keras_inputs().astype(np.float32)
+
+    def infer_eager() -> None:
+        for i in range(0, len(decoded), args.batch):
+            model(decoded[i : i + args.batch], training=False).numpy()
+
+    def infer_compiled() -> None:
+        loaded.predict(decoded, args.batch)
+
     config = ScoringConfig(
-        fetch=config.fetch.__class__(allowed_roots=(sample_images_dir().resolve(),)),
-        inference_batch_size=args.batch,
+        fetch=FetchPolicy(allowed_roots=(sample_images_dir().resolve(),)), inference_batch_size=args.batch
     )
     messages = [
         RawMessage(Reference(event_id=str(uuid.uuid4()), uri=p.as_uri()).to_json(), Source("bench", 0, i))
@@ -98,6 +108,8 @@ def main() -> None:
         "keras-loop": timed(keras_loop),
         "keras-eager": timed(keras_eager),
         "scorer": timed(scorer),
+        "infer-eager": timed(infer_eager),
+        "infer-graph": timed(infer_compiled),
     }
     if not args.skip_stream:
         figures["stream"] = stream(paths)
