@@ -9,6 +9,8 @@ allow-list check, so a reference cannot probe for files outside the roots.
 from __future__ import annotations
 
 import http.client
+import errno
+import os
 import re
 import urllib.error
 import urllib.request
@@ -40,7 +42,7 @@ def fetch(uri: str, policy: FetchPolicy) -> bytes:
     """The bytes a reference points at, or a `FetchError` saying why not."""
     scheme = urlsplit(uri).scheme.lower()
     if scheme == "file":
-        return read_file(resolve_file_uri(uri, policy), policy.max_bytes)
+        return read_file(resolve_file_uri(uri, policy), policy.max_bytes, policy.allowed_roots)
     if scheme in ("http", "https"):
         return fetch_dicomweb(uri, policy)
     raise FetchError(ErrorCode.UNSUPPORTED_URI, "only file:// and DICOMweb http(s):// URIs are supported")
@@ -62,9 +64,26 @@ def resolve_file_uri(uri: str, policy: FetchPolicy) -> Path:
     return real
 
 
-def read_file(path: Path, max_bytes: int) -> bytes:
+def _opened_path(fd: int) -> Path | None:
+    """Where an open descriptor really points (Linux); None where the system cannot say."""
     try:
-        with path.open("rb") as handle:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+
+
+def read_file(path: Path, max_bytes: int, allowed_roots: tuple[Path, ...] = ()) -> bytes:
+    """Read a resolved path; with `allowed_roots`, check again what was actually opened.
+
+    Between resolving a path and opening it, a component could be swapped for a symlink; opening without
+    following a final symlink and checking the descriptor's real path closes that window.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as handle:
+            opened = _opened_path(handle.fileno()) if allowed_roots else None
+            if opened is not None and not any(opened.is_relative_to(root) for root in allowed_roots):
+                raise FetchError(ErrorCode.FORBIDDEN_URI, "the file is outside the allowed roots")
             return _read_limited(handle, max_bytes)
     except FileNotFoundError:
         raise FetchError(ErrorCode.NOT_FOUND, "the file does not exist") from None
@@ -73,6 +92,8 @@ def read_file(path: Path, max_bytes: int) -> bytes:
     except PermissionError:
         raise FetchError(ErrorCode.FETCH_FAILED, "the file is not readable by the scoring job") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the final component became a symlink after resolution
+            raise FetchError(ErrorCode.FORBIDDEN_URI, "the file is outside the allowed roots") from None
         raise FetchError(
             ErrorCode.FETCH_FAILED, f"the file could not be read ({exc.strerror or 'I/O error'})"
         ) from None

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from streaming.errors import ErrorCode, FetchError, Stage
-from streaming.fetch import FetchPolicy, fetch, first_part, host_allowed, resolve_file_uri
+from streaming.fetch import FetchPolicy, fetch, first_part, host_allowed, read_file, resolve_file_uri
 
 BINARY = bytes(range(256)) * 3 + b"\r\n--not-a-boundary\r\n" + b"\x00\xff" * 10
 
@@ -458,3 +458,27 @@ def test_first_part_skips_empty_parts_and_keeps_binary_exact() -> None:
 def test_first_part_with_quoted_boundary_and_upper_case_type() -> None:
     body, _ = multipart(b"payload", boundary="a:b=c")
     assert first_part(body, 'Multipart/Related; boundary="a:b=c"; type="application/dicom"') == b"payload"
+
+
+def test_a_symlink_swapped_in_after_resolution_is_refused(tmp_path: Path) -> None:
+    """The race: the path was checked while it was a plain file, then replaced by a symlink out."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"\x89PNG secret")
+    swapped = root / "scan.png"
+    swapped.symlink_to(outside / "secret.png")
+    with pytest.raises(FetchError) as caught:
+        read_file(swapped, 1024, (root.resolve(),))
+    assert caught.value.code is ErrorCode.FORBIDDEN_URI
+
+
+def test_a_directory_swapped_for_a_symlink_is_caught_by_the_descriptor_check(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "x.png").write_bytes(b"\x89PNG x")
+    (root / "sub").symlink_to(outside)  # an intermediate component that now leads out
+    with pytest.raises(FetchError) as caught:
+        read_file(root / "sub" / "x.png", 1024, (root.resolve(),))
+    assert caught.value.code is ErrorCode.FORBIDDEN_URI
