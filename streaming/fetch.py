@@ -8,8 +8,8 @@ allow-list check, so a reference cannot probe for files outside the roots.
 
 from __future__ import annotations
 
-import http.client
 import errno
+import http.client
 import os
 import re
 import urllib.error
