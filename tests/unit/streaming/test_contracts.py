@@ -29,6 +29,18 @@ URI = "file:///data/xrays/1.jpeg"
 _DROP = object()
 
 
+#: Every optional field of a reference, filled in.
+OPTIONAL = {
+    "study_uid": "1.2.3",
+    "series_uid": "1.2.3.4",
+    "sop_instance_uid": "1.2.3.4.5",
+    "accession": "ACC1",
+    "modality": "CR",
+    "view_position": "PA",
+    "sent_at": "2024-05-01T10:00:00.123Z",
+}
+
+
 def message(**fields: Any) -> str:
     body: dict[str, Any] = {"schema": REFERENCE_SCHEMA, "event_id": "ev-1", "uri": URI}
     body.update(fields)
@@ -46,28 +58,9 @@ def parse_error(value: str | bytes | None) -> ParseError:
 
 
 def test_parse_reference_reads_every_contract_field() -> None:
-    ref = parse_reference(
-        message(
-            study_uid="1.2.3",
-            series_uid="1.2.3.4",
-            sop_instance_uid="1.2.3.4.5",
-            accession="ACC1",
-            modality="CR",
-            view_position="PA",
-            sent_at="2024-05-01T10:00:00.123Z",
-        )
-    )
-    assert ref == Reference(
-        event_id="ev-1",
-        uri=URI,
-        study_uid="1.2.3",
-        series_uid="1.2.3.4",
-        sop_instance_uid="1.2.3.4.5",
-        accession="ACC1",
-        modality="CR",
-        view_position="PA",
-        sent_at="2024-05-01T10:00:00.123Z",
-    )
+    ref = parse_reference(message(**OPTIONAL))
+    assert ref == Reference(event_id="ev-1", uri=URI, **OPTIONAL)
+    assert ref.study_uid == "1.2.3" and ref.view_position == "PA" and ref.sent_at == "2024-05-01T10:00:00.123Z"
 
 
 def test_parse_reference_accepts_bytes_and_leaves_optional_fields_none() -> None:
@@ -254,16 +247,7 @@ def test_parse_timestamp_reads_z_and_offsets_and_rejects_zoneless_times() -> Non
 
 
 def test_build_result_echoes_the_reference_and_computes_latency() -> None:
-    ref = Reference(
-        event_id="ev-3",
-        uri=URI,
-        study_uid="1.2",
-        series_uid="1.2.3",
-        sop_instance_uid="1.2.3.4",
-        accession="A7",
-        modality="CR",
-        view_position="PA",
-    )
+    ref = Reference(event_id="ev-3", uri=URI, **{**OPTIONAL, "sent_at": None})
     sent = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)
     scored = sent + timedelta(seconds=1, microseconds=234_500)
     body = build_result(
@@ -279,10 +263,10 @@ def test_build_result_echoes_the_reference_and_computes_latency() -> None:
         "schema": RESULT_SCHEMA,
         "event_id": "ev-3",
         "uri": URI,
-        "study_uid": "1.2",
-        "series_uid": "1.2.3",
-        "sop_instance_uid": "1.2.3.4",
-        "accession": "A7",
+        "study_uid": "1.2.3",
+        "series_uid": "1.2.3.4",
+        "sop_instance_uid": "1.2.3.4.5",
+        "accession": "ACC1",
         "model": {"name": "m", "version": "1"},
         "scores": {"NORMAL": 0.25, "PNEUMONIA": 0.75},
         "top_finding": "PNEUMONIA",
