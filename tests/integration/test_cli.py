@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from probes import http_status
+from probes import http_get, http_status
 from streaming.broker import free_port
 from streaming.contracts import Reference
 
@@ -73,7 +73,8 @@ def test_produce_folder_publishes_existing_and_new_images(kafka_broker, topics, 
 
 
 def test_run_scores_until_sigterm_and_exits_cleanly(kafka_broker, topics, produce, consume, sample_jpegs, tmp_path):
-    port = free_port()
+    """`cxr run` with the Spark UI on: our metrics and health, and Spark's own Prometheus endpoints."""
+    port, ui_port = free_port(), free_port()
     env = {
         **kafka_env(kafka_broker, topics),
         "CXR_ALLOWED_ROOTS": str(sample_jpegs[0].parent),
@@ -81,6 +82,8 @@ def test_run_scores_until_sigterm_and_exits_cleanly(kafka_broker, topics, produc
         "CXR_METRICS_PORT": str(port),
         "CXR_SPARK_MASTER": "local[2]",
         "CXR_SPARK_DRIVER_MEMORY": "1g",
+        "CXR_SPARK_UI": "true",
+        "CXR_SPARK_CONF": json.dumps({"spark.ui.port": str(ui_port)}),
     }
     proc = cxr("run", env=env)
     try:
@@ -90,6 +93,12 @@ def test_run_scores_until_sigterm_and_exits_cleanly(kafka_broker, topics, produc
         assert {json.loads(r.value)["event_id"] for r in results} == {r.event_id for r in refs}
         assert wait_for(lambda: http_status(f"http://127.0.0.1:{port}/readyz") == 200, 60)
         assert http_status(f"http://127.0.0.1:{port}/healthz") == 200
+        # Spark's native endpoints: the servlet sink (with the streaming query's gauges) and executors.
+        status, text = http_get(f"http://127.0.0.1:{ui_port}/metrics/prometheus/")
+        assert status == 200 and "cxr-scoring" in text.replace("_", "-")
+        assert "spark-streaming" in text.replace("_", "-")
+        status, text = http_get(f"http://127.0.0.1:{ui_port}/metrics/executors/prometheus")
+        assert status == 200 and "metrics_executor_" in text
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=120)[0]
