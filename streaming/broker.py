@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -287,12 +287,3 @@ class EmbeddedBroker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def embedded_broker(
-    lib_dir: Path, topics: Iterable[str] = (), partitions: int = 1, **kwargs: object
-) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(lib_dir, **kwargs) as broker:  # type: ignore[arg-type]
-        broker.create_topics(topics, partitions)
-        yield broker
