@@ -28,7 +28,7 @@ from producers.publish import ReferencePublisher
 from streaming.broker import EmbeddedBroker, port_is_free
 from streaming.metrics import MetricsServer
 from streaming.settings import Settings, sample_images_dir
-from streaming.triage import worklist_key
+from streaming.triage import finding_strength, worklist_key
 
 log = logging.getLogger("cxr.demo")
 _STYLE = {"STAT": "bold white on red", "URGENT": "bold black on yellow", "ROUTINE": "green"}
@@ -48,10 +48,9 @@ def worklist_table(
         ("latency", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for i, result in enumerate(sorted(results, key=worklist_key), 1):
-        scores = result.get("scores") or {}
+    for i, result in enumerate(sorted(results, key=lambda r: worklist_key(r, normal_labels)), 1):
         finding = result.get("top_finding")
-        score = max((v for k, v in scores.items() if k not in normal_labels), default=None)
+        score = finding_strength(result, normal_labels) if result.get("scores") else None
         table.add_row(
             str(i),
             Text(f" {result['priority']} ", style=_STYLE.get(result["priority"], "")),
