@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ OUTCOME_SCHEMA = (
     "topic string, key string, value string, scored boolean, stage string, error string, "
     "latency_s double, inference_s double, preprocess_s double"
 )
-_OUTCOME_FIELDS = ("topic", "key", "value", "scored", "stage", "error", "latency_s", "inference_s", "preprocess_s")
+_OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome))  # the schema above, in the same order
 
 
 def _timestamp(value: Any) -> datetime | None:
