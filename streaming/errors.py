@@ -31,11 +31,17 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     TOO_LARGE = "too_large"
     FETCH_FAILED = "fetch_failed"
+    #: a server that is down or overloaded, or a worker whose reads are stuck: try again later
+    UNAVAILABLE = "unavailable"
+    #: fetch or decode ran past the per-reference deadline (stage says which was running)
+    TIMEOUT = "timeout"
     # decode
     UNSUPPORTED_FORMAT = "unsupported_format"
     CORRUPT_IMAGE = "corrupt_image"
     # score
     MODEL_ERROR = "model_error"
+    #: the Python worker died while this reference was in its batch, again when it was retried alone
+    WORKER_CRASHED = "worker_crashed"
 
 
 class CxrError(Exception):
@@ -88,8 +94,14 @@ KNOWN_FAILURES: tuple[tuple[Stage, ErrorCode], ...] = (
             ErrorCode.NOT_FOUND,
             ErrorCode.TOO_LARGE,
             ErrorCode.FETCH_FAILED,
+            ErrorCode.UNAVAILABLE,
+            ErrorCode.TIMEOUT,
         )
     ),
-    *((Stage.DECODE, c) for c in (ErrorCode.UNSUPPORTED_FORMAT, ErrorCode.CORRUPT_IMAGE, ErrorCode.TOO_LARGE)),
+    *(
+        (Stage.DECODE, c)
+        for c in (ErrorCode.UNSUPPORTED_FORMAT, ErrorCode.CORRUPT_IMAGE, ErrorCode.TOO_LARGE, ErrorCode.TIMEOUT)
+    ),
     (Stage.SCORE, ErrorCode.MODEL_ERROR),
+    (Stage.SCORE, ErrorCode.WORKER_CRASHED),
 )

@@ -66,6 +66,10 @@ def scoring_config(settings: Settings, threads: int | None = None) -> ScoringCon
         inference_threads=threads,
         results_topic=settings.results_topic,
         dead_letter_topic=settings.dead_letter_topic,
+        deadline_s=settings.reference_deadline_s,
+        max_stuck_threads=settings.max_stuck_threads,
+        dead_letter_payload_max_bytes=settings.dead_letter_payload_max_bytes,
+        fault_injection=settings.fault_injection,
     )
 
 

@@ -46,6 +46,11 @@ class ScoringConfig:
     inference_threads: int | None = None
     results_topic: str = "cxr.results"
     dead_letter_topic: str = "cxr.dead-letter"
+    #: fetch + decode of one reference, from when a thread starts on it
+    deadline_s: float = 30.0
+    max_stuck_threads: int = 8
+    dead_letter_payload_max_bytes: int = 256 * 1024
+    fault_injection: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,6 +142,16 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=128 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=60_000_000, gt=0)
     fetch_timeout_s: float = Field(default=30.0, gt=0)
+    #: Fetch + decode of one reference must end within this; past it the reference is a `timeout` dead letter.
+    reference_deadline_s: float = Field(default=30.0, gt=0)
+    #: Threads per Python worker left running past their deadline (a read the kernel never returns); at the
+    #: cap the worker answers `unavailable` instead of starting more reads, until some come back.
+    max_stuck_threads: int = Field(default=8, gt=0)
+    #: A dead letter carries at most this much of the original value (the rest is named, not copied), so a
+    #: value near the broker's size limit still fits in its dead letter.
+    dead_letter_payload_max_bytes: int = Field(default=256 * 1024, gt=0)
+    #: Test-only: lets files named `cxr-fault-*` crash or hang the decoder (see `streaming/faults.py`).
+    fault_injection: bool = False
 
     # Streaming query
     checkpoint_dir: Path = Path(".cxr/checkpoints/scoring")
@@ -167,6 +177,9 @@ class Settings(BaseSettings):
     spark_ui: bool = False
     spark_log_level: str = "WARN"
     spark_conf: dict[str, str] = Field(default_factory=dict)
+
+    # Feeds and exporters: cursors and other durable state, one file or folder per feed and source
+    state_dir: Path = Path(".cxr/state")
 
     # Observability
     metrics_port: int = Field(default=9108, ge=0, le=65535)
