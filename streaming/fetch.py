@@ -1,30 +1,100 @@
-"""Fetching image bytes for a reference URI, treating every URI as hostile.
+"""Fetching image bytes for a reference URI: every URI is hostile, and every fetch ends in bounded time.
 
-`file://` URIs are served only from inside the configured roots, judged after symlinks and `..` are resolved,
-and DICOMweb URLs only from configured hosts, without following redirects. Everything read is size-limited,
-and a file that cannot be read is reported the same whether it is missing or forbidden only after the
-allow-list check, so a reference cannot probe for files outside the roots.
+Time. `deadline` is an absolute `time.monotonic()` value; past it a fetch raises `timeout`. A DICOMweb request
+also ends within `policy.timeout_s` in all (resolving, connecting, TLS, headers and body together), with or
+without a deadline: a per-read socket timeout alone would let a server that sends one byte every few seconds
+hold a read forever. Files are read in chunks with the deadline checked between them.
+
+Files (`file://`):
+
+- only inside the configured roots, judged after symlinks and `..` are resolved; a missing file is reported as
+  `not_found` only after that check, so a reference cannot probe for files outside the roots;
+- only regular files: the path is `lstat`ed first and anything else (directory, FIFO, socket, device) is
+  refused as `unsupported_uri` without being opened (opening a FIFO blocks, a device may never end or act on
+  being opened). It is then opened with O_NOFOLLOW|O_NONBLOCK, so that a FIFO swapped in after the `lstat`
+  cannot block the open, and what was actually opened is checked again: `fstat` of the descriptor (a regular
+  file) and its real path (inside a root);
+- a size over `max_bytes` is refused before reading, and a file that grows past it while read is refused too.
+
+DICOMweb (`http(s)://`), checked before any connection is made:
+
+- the allow-list (`CXR_DICOMWEB_ALLOWED_HOSTS`) is the primary rule: `host` admits any port of that host,
+  `host:port` just that port, compared case-insensitively;
+- no userinfo (`user:password@`) in the URL;
+- the host is a plain DNS name (ASCII letters, digits, `-` and `_`, non-empty labels, no trailing dot, no
+  percent-encoding) or an IP literal in its one canonical spelling: IPv4 as four decimal octets without
+  leading zeros, IPv6 in brackets in compressed form, without a zone id and not embedding an IPv4 address
+  (IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::/96`). A host whose last label
+  is a number (`2130706433`, `0x7f000001`, `0177.0.0.1`, `127.1`) is an IPv4 address to resolvers, so it must
+  be canonical too; other spellings would slip past an allow-list written in canonical form;
+- the port, if any, is 1 to 65535 in plain digits without leading zeros;
+- the path names a single WADO-RS instance (`…/studies/S/series/SE/instances/I`).
+
+Then the host is resolved once (bounded by the time left) and refused if any address it resolves to is
+link-local (169.254.0.0/16, fe80::/10), a cloud metadata address (169.254.169.254, fd00:ec2::254, …),
+unspecified, multicast, broadcast or reserved, unless the allow-list names that very IP. Loopback and private
+addresses are accepted for an allow-listed host: hospital PACS live on private networks. The connection goes
+to the resolved addresses only (pinned, so DNS cannot answer differently between check and connect), while the
+Host header, TLS SNI and certificate verification use the host name. Redirects are never followed.
+
+A server that is down or overloaded (connection refused or reset, HTTP 429, 502, 503, 504) is `unavailable`;
+404 is `not_found`; 401 and 403 are `forbidden_uri`; any other failure is `fetch_failed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import http.client
+import ipaddress
+import math
 import os
 import re
-import urllib.error
-import urllib.request
+import socket
+import ssl
+import stat
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from pathlib import Path
-from typing import IO
-from urllib.parse import unquote, urlsplit
+from typing import Any
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from streaming.errors import ErrorCode, FetchError
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 _INSTANCE_PATH = re.compile(r"/studies/[^/]+/series/[^/]+/instances/[^/]+/?$")
 _ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+#: Read size for files and HTTP bodies; the deadline is checked between reads.
+_CHUNK_BYTES = 1024 * 1024
+
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NOCTTY", 0)
+)
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+_REQUEST_TARGET = re.compile(r"/[\x21-\x7e]*")
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+#: Cloud instance metadata services: AWS/GCP/Azure/OpenStack, AWS ECS, AWS over IPv6, Alibaba, Azure WireServer.
+_METADATA = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
+)
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_OVERLOADED = frozenset({429, 502, 503, 504})
+_UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
 
 
 @dataclass(frozen=True)
@@ -34,23 +104,47 @@ class FetchPolicy:
     allowed_roots: tuple[Path, ...] = ()
     dicomweb_hosts: tuple[str, ...] = ()
     max_bytes: int = 128 * 1024 * 1024
+    #: the most one DICOMweb request may take in all, whatever the deadline
     timeout_s: float = 30.0
     dicomweb_token: str | None = field(default=None, repr=False)
 
 
-def fetch(uri: str, policy: FetchPolicy) -> bytes:
-    """The bytes a reference points at, or a `FetchError` saying why not."""
-    scheme = urlsplit(uri).scheme.lower()
+def fetch(uri: str, policy: FetchPolicy, deadline: float | None = None) -> bytes:
+    """The bytes a reference points at, or a `FetchError` saying why not.
+
+    `deadline` is an absolute `time.monotonic()` value; None leaves only `policy.timeout_s` for DICOMweb.
+    """
+    scheme = _split(uri).scheme.lower()
     if scheme == "file":
-        return read_file(resolve_file_uri(uri, policy), policy.max_bytes, policy.allowed_roots)
+        return read_file(resolve_file_uri(uri, policy), policy.max_bytes, policy.allowed_roots, deadline=deadline)
     if scheme in ("http", "https"):
-        return fetch_dicomweb(uri, policy)
+        return fetch_dicomweb(uri, policy, deadline=deadline)
     raise FetchError(ErrorCode.UNSUPPORTED_URI, "only file:// and DICOMweb http(s):// URIs are supported")
+
+
+def _split(uri: str) -> SplitResult:
+    try:
+        return urlsplit(uri)
+    except ValueError:  # e.g. an unclosed or invalid bracketed host
+        raise FetchError(ErrorCode.UNSUPPORTED_URI, "the URI cannot be parsed") from None
+
+
+def _time_left(deadline: float | None, what: str) -> float:
+    """Seconds until `deadline` (infinite for none); a `timeout` once it has passed."""
+    if deadline is None:
+        return math.inf
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchError(ErrorCode.TIMEOUT, f"{what} ran past the deadline")
+    return left
+
+
+# ------------------------------------------------------------------------------------------------- files
 
 
 def resolve_file_uri(uri: str, policy: FetchPolicy) -> Path:
     """The real path of a `file://` URI, if and only if it lies inside an allowed root."""
-    parts = urlsplit(uri)
+    parts = _split(uri)
     if parts.netloc not in ("", "localhost"):
         raise FetchError(ErrorCode.FORBIDDEN_URI, "file URIs must name a local path, not a remote host")
     if parts.query or parts.fragment:
@@ -72,97 +166,490 @@ def _opened_path(fd: int) -> Path | None:
         return None
 
 
-def read_file(path: Path, max_bytes: int, allowed_roots: tuple[Path, ...] = ()) -> bytes:
-    """Read a resolved path; with `allowed_roots`, check again what was actually opened.
+def _outside_roots() -> FetchError:
+    return FetchError(ErrorCode.FORBIDDEN_URI, "the file is outside the allowed roots")
 
-    Between resolving a path and opening it, a component could be swapped for a symlink; opening without
-    following a final symlink and checking the descriptor's real path closes that window.
+
+def _too_large(max_bytes: int) -> FetchError:
+    return FetchError(ErrorCode.TOO_LARGE, f"the image is larger than the limit of {max_bytes} bytes")
+
+
+_FILE_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+def special_file_refusal(mode: int) -> FetchError | None:
+    """Why a file of this `st_mode` must not be read (anything but a regular file), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "a special file")
+    return FetchError(ErrorCode.UNSUPPORTED_URI, f"the URI names {kind}, not a regular file")
+
+
+def _file_error(exc: OSError) -> FetchError:
+    """The dead-letter code for an OS error met while opening or reading a file."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return FetchError(ErrorCode.NOT_FOUND, "the file does not exist")
+    if exc.errno == errno.ELOOP:  # the final component became a symlink after resolution
+        return _outside_roots()
+    if exc.errno == errno.ENXIO:  # a socket file (or a device without a driver) opened anyway
+        return FetchError(ErrorCode.UNSUPPORTED_URI, "the URI names a socket or a device, not a regular file")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return FetchError(ErrorCode.FETCH_FAILED, "the file is not readable by the scoring job")
+    return FetchError(ErrorCode.FETCH_FAILED, f"the file could not be read ({exc.strerror or 'I/O error'})")
+
+
+def read_file(
+    path: Path, max_bytes: int, allowed_roots: tuple[Path, ...] = (), *, deadline: float | None = None
+) -> bytes:
+    """Read a resolved path that must be a regular file; with `allowed_roots`, check what was actually opened.
+
+    Between resolving a path and opening it, a component could be swapped for a symlink or the file for a
+    FIFO; opening without following a final symlink and without blocking, then checking the descriptor's type
+    and real path, closes that window.
     """
+    _time_left(deadline, "reading the file")
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as handle:
-            opened = _opened_path(handle.fileno()) if allowed_roots else None
-            if opened is not None and not any(opened.is_relative_to(root) for root in allowed_roots):
-                raise FetchError(ErrorCode.FORBIDDEN_URI, "the file is outside the allowed roots")
-            return _read_limited(handle, max_bytes)
-    except FileNotFoundError:
-        raise FetchError(ErrorCode.NOT_FOUND, "the file does not exist") from None
-    except IsADirectoryError:
-        raise FetchError(ErrorCode.NOT_FOUND, "the URI names a directory, not a file") from None
-    except PermissionError:
-        raise FetchError(ErrorCode.FETCH_FAILED, "the file is not readable by the scoring job") from None
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            raise _outside_roots()
+        refusal = special_file_refusal(mode)
+        if refusal is not None:
+            raise refusal
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # the final component became a symlink after resolution
-            raise FetchError(ErrorCode.FORBIDDEN_URI, "the file is outside the allowed roots") from None
-        raise FetchError(
-            ErrorCode.FETCH_FAILED, f"the file could not be read ({exc.strerror or 'I/O error'})"
-        ) from None
+        raise _file_error(exc) from None
+    try:
+        info = os.fstat(fd)
+        refusal = special_file_refusal(info.st_mode)
+        if refusal is not None:
+            raise refusal
+        opened = _opened_path(fd) if allowed_roots else None
+        if opened is not None and not any(opened.is_relative_to(root) for root in allowed_roots):
+            raise _outside_roots()
+        if info.st_size > max_bytes:
+            raise _too_large(max_bytes)
+        return _read_fd(fd, max_bytes, deadline)
+    except OSError as exc:
+        raise _file_error(exc) from None
+    finally:
+        os.close(fd)
 
 
-def _read_limited(stream: IO[bytes], max_bytes: int) -> bytes:
-    data = stream.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise FetchError(ErrorCode.TOO_LARGE, f"the image is larger than the limit of {max_bytes} bytes")
-    return data
+def _read_fd(fd: int, max_bytes: int, deadline: float | None) -> bytes:
+    """At most `max_bytes` from a descriptor, checking the deadline between chunks."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        _time_left(deadline, "reading the file")
+        chunk = os.read(fd, min(_CHUNK_BYTES, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > max_bytes:  # the file grew after fstat
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+
+
+# ---------------------------------------------------------------------------------------- DICOMweb: checks
+
+
+def _split_host_port(netloc: str) -> tuple[str, bool, str | None]:
+    """`(host, bracketed, port)` of a lower-cased authority without userinfo; port None when absent."""
+    if netloc.startswith("["):  # an IPv6 literal: its colons are not a port separator
+        inner, bracket, rest = netloc[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise FetchError(ErrorCode.FORBIDDEN_URI, "the URL's host is malformed")
+        return inner, True, rest[1:] if rest else None
+    host, colon, port = netloc.partition(":")
+    return host, False, port if colon else None
 
 
 def host_allowed(netloc: str, scheme: str, allowed: tuple[str, ...]) -> bool:
     """`host` in the allow-list admits any port of that host; `host:port` admits just that port."""
-    host_port = netloc.rsplit("@", 1)[-1].lower()
-    if host_port.startswith("["):  # an IPv6 literal: its colons are not a port separator
-        host, _, rest = host_port.partition("]")
-        host, port = host + "]", rest.removeprefix(":")
-    else:
-        host, _, port = host_port.partition(":")
+    try:
+        host, bracketed, port = _split_host_port(netloc.rsplit("@", 1)[-1].lower())
+    except FetchError:
+        return False
+    host = f"[{host}]" if bracketed else host
     port = port or ("443" if scheme == "https" else "80")
-    return any(entry in (host, f"{host}:{port}") for entry in allowed)
+    return any(entry.strip().lower() in (host, f"{host}:{port}") for entry in allowed)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        raise FetchError(ErrorCode.FORBIDDEN_URI, "the DICOMweb server answered with a redirect, not followed")
+def _canonical_ip_host(host: str, bracketed: bool) -> IPAddress | None:
+    """The IP a URL host names (None for a DNS name); `forbidden_uri` for any spelling but the canonical one."""
+    if not host:
+        raise FetchError(ErrorCode.UNSUPPORTED_URI, "the URL names no host")
+    if "%" in host:
+        raise FetchError(ErrorCode.FORBIDDEN_URI, "the URL's host is percent-encoded or carries an IPv6 zone id")
+    if bracketed:
+        try:
+            ip6 = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise FetchError(ErrorCode.FORBIDDEN_URI, "the URL's bracketed host is not an IPv6 address") from None
+        if _embedded_ipv4(ip6) is not None:
+            raise FetchError(ErrorCode.FORBIDDEN_URI, "the URL's IPv6 host embeds an IPv4 address")
+        if str(ip6) != host:
+            raise FetchError(ErrorCode.FORBIDDEN_URI, "the URL's IPv6 host is not in canonical (compressed) form")
+        return ip6
+    if len(host) > 253 or not _HOST_NAME.fullmatch(host):
+        raise FetchError(ErrorCode.FORBIDDEN_URI, "the URL's host is not a plain DNS name or IP address")
+    if not _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+        return None
+    try:  # resolvers read a name ending in a number as an IPv4 address, in any of inet_aton's spellings
+        ip4 = ipaddress.IPv4Address(host)
+    except ValueError:
+        ip4 = None
+    if ip4 is None or str(ip4) != host:
+        raise FetchError(
+            ErrorCode.FORBIDDEN_URI, "IPv4 hosts must be written as four decimal numbers without leading zeros"
+        )
+    return ip4
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect())
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped, compatible or NAT64), if any."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    packed = address.packed
+    if packed[:12] == bytes(12) and int(address) > 1:  # IPv4-compatible; not :: or ::1
+        return ipaddress.IPv4Address(packed[12:])
+    if any(address in net for net in _NAT64):
+        return ipaddress.IPv4Address(packed[12:])
+    return None
 
 
-def fetch_dicomweb(uri: str, policy: FetchPolicy) -> bytes:
-    """One instance by WADO-RS, as Part 10 bytes."""
-    parts = urlsplit(uri)
+def _port(text: str | None, scheme: str) -> int:
+    if text is None:
+        return 443 if scheme == "https" else 80
+    if not _PORT.fullmatch(text) or int(text) > 65535:
+        raise FetchError(ErrorCode.FORBIDDEN_URI, "the URL's port must be a number from 1 to 65535")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class DicomwebTarget:
+    """A DICOMweb URL that passed every check needing no network: whom to ask, and for what."""
+
+    tls: bool
+    #: lower-case DNS name, or the canonical IP without brackets
+    host: str
+    port: int
+    #: the authority as the Host header carries it
+    netloc: str
+    #: path and query
+    request_target: str
+    #: the IP when the URL names one literally
+    literal: IPAddress | None
+
+
+def dicomweb_target(uri: str, allowed_hosts: tuple[str, ...]) -> DicomwebTarget:
+    """Check a DICOMweb URL against the allow-list and the spelling rules; pure, no network."""
+    parts = _split(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise FetchError(ErrorCode.UNSUPPORTED_URI, "DICOMweb URIs must be http:// or https://")
     if "@" in parts.netloc:
         raise FetchError(ErrorCode.FORBIDDEN_URI, "DICOMweb URIs must not carry credentials")
-    if not host_allowed(parts.netloc, parts.scheme.lower(), policy.dicomweb_hosts):
+    netloc = parts.netloc.lower()
+    host, bracketed, port_text = _split_host_port(netloc)
+    literal = _canonical_ip_host(host, bracketed)
+    port = _port(port_text, scheme)
+    if not host_allowed(netloc, scheme, allowed_hosts):
         raise FetchError(ErrorCode.FORBIDDEN_URI, "the DICOMweb host is not in the allowed hosts")
     if not _INSTANCE_PATH.search(parts.path):
         raise FetchError(
             ErrorCode.UNSUPPORTED_URI, "the URL is not a DICOMweb instance (…/studies/…/series/…/instances/…)"
         )
-    request = urllib.request.Request(uri, headers={"Accept": _ACCEPT_DICOM})
-    if policy.dicomweb_token:
-        request.add_header("Authorization", f"Bearer {policy.dicomweb_token}")
-    try:
-        with _OPENER.open(request, timeout=policy.timeout_s) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > policy.max_bytes:
-                raise FetchError(ErrorCode.TOO_LARGE, f"the image is larger than the limit of {policy.max_bytes} bytes")
-            body = _read_limited(response, policy.max_bytes)
-            content_type = response.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            raise FetchError(ErrorCode.NOT_FOUND, "the DICOMweb server does not have this instance") from None
-        if exc.code in (401, 403):
-            raise FetchError(ErrorCode.FORBIDDEN_URI, f"the DICOMweb server refused access (HTTP {exc.code})") from None
-        raise FetchError(ErrorCode.FETCH_FAILED, f"the DICOMweb server answered HTTP {exc.code}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise FetchError(
-            ErrorCode.FETCH_FAILED, f"the DICOMweb server could not be reached ({type(reason).__name__})"
-        ) from None
-    except http.client.HTTPException as exc:  # a malformed or truncated answer (e.g. IncompleteRead)
-        raise FetchError(
+    request_target = parts.path + (f"?{parts.query}" if parts.query else "")
+    if not _REQUEST_TARGET.fullmatch(request_target):
+        raise FetchError(ErrorCode.UNSUPPORTED_URI, "the URL carries characters that must be percent-encoded")
+    return DicomwebTarget(scheme == "https", host, port, netloc, request_target, literal)
+
+
+def _allow_list_names(address: IPAddress, port: int, allowed_hosts: tuple[str, ...]) -> bool:
+    """Whether the allow-list names this very IP (bare, or with this port)."""
+    for entry in allowed_hosts:
+        try:
+            host, _, entry_port = _split_host_port(entry.strip().lower())
+            named = ipaddress.ip_address(host)
+        except (FetchError, ValueError):
+            continue
+        if named == address and entry_port in (None, str(port)):
+            return True
+    return False
+
+
+def address_refusal(address: IPAddress, port: int, allowed_hosts: tuple[str, ...]) -> str | None:
+    """Why a resolved address must not be connected to (a phrase), or None when it may be."""
+    if _allow_list_names(address, port, allowed_hosts):
+        return None
+    reached: IPAddress = address
+    if isinstance(address, ipaddress.IPv6Address):
+        reached = _embedded_ipv4(address) or address
+    if reached in _METADATA:
+        return "a cloud metadata address"
+    if reached.is_loopback:
+        return None
+    if reached.is_link_local:
+        return "a link-local address"
+    if reached.is_unspecified:
+        return "an unspecified address"
+    if reached.is_multicast:
+        return "a multicast address"
+    if reached == _BROADCAST:
+        return "a broadcast address"
+    if reached.is_reserved:
+        return "a reserved address"
+    return None
+
+
+def status_error(status: int) -> FetchError:
+    """The dead-letter code for a DICOMweb answer that is not a success."""
+    if status in _REDIRECTS:
+        return FetchError(ErrorCode.FORBIDDEN_URI, "the DICOMweb server answered with a redirect, not followed")
+    if status == 404:
+        return FetchError(ErrorCode.NOT_FOUND, "the DICOMweb server does not have this instance")
+    if status in (401, 403):
+        return FetchError(ErrorCode.FORBIDDEN_URI, f"the DICOMweb server refused access (HTTP {status})")
+    if status in _OVERLOADED:
+        return FetchError(ErrorCode.UNAVAILABLE, f"the DICOMweb server is down or overloaded (HTTP {status})")
+    return FetchError(ErrorCode.FETCH_FAILED, f"the DICOMweb server answered HTTP {status}")
+
+
+def _network_error(exc: Exception) -> FetchError:
+    """The dead-letter code for a failure while talking to a DICOMweb server."""
+    if isinstance(exc, TimeoutError):  # a socket timeout: the time left ran out
+        return FetchError(ErrorCode.TIMEOUT, "the DICOMweb request ran out of time")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb server's TLS certificate did not verify")
+    if isinstance(exc, ssl.SSLError):
+        return FetchError(ErrorCode.FETCH_FAILED, "the TLS handshake with the DICOMweb server failed")
+    if isinstance(exc, ConnectionError) or (isinstance(exc, OSError) and exc.errno in _UNREACHABLE):
+        return FetchError(ErrorCode.UNAVAILABLE, f"the DICOMweb server could not be reached ({type(exc).__name__})")
+    if isinstance(exc, http.client.HTTPException):  # a malformed or truncated answer (e.g. IncompleteRead)
+        return FetchError(
             ErrorCode.FETCH_FAILED, f"the DICOMweb answer was malformed or cut short ({type(exc).__name__})"
-        ) from None
+        )
+    return FetchError(ErrorCode.FETCH_FAILED, f"the DICOMweb request failed ({type(exc).__name__})")
+
+
+# ------------------------------------------------------------------------------------------ DICOMweb: I/O
+
+_SockAddr = tuple[Any, ...]
+
+
+def _resolve(target: DicomwebTarget, allowed_hosts: tuple[str, ...], end: float) -> list[tuple[int, _SockAddr]]:
+    """The vetted `(family, sockaddr)` pairs to connect to; the host is resolved once, here."""
+    if target.literal is not None:
+        if target.literal.version == 6:
+            return [(socket.AF_INET6, (target.host, target.port, 0, 0))]
+        return [(socket.AF_INET, (target.host, target.port))]
+    infos = _getaddrinfo(target.host, target.port, end)
+    addresses: list[tuple[int, _SockAddr]] = []
+    for family, _, _, _, sockaddr in infos:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        try:
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        except ValueError:
+            raise FetchError(ErrorCode.FORBIDDEN_URI, "the DICOMweb host resolves to an unreadable address") from None
+        refusal = address_refusal(address, target.port, allowed_hosts)
+        if refusal is not None:
+            raise FetchError(ErrorCode.FORBIDDEN_URI, f"the DICOMweb host resolves to {refusal}")
+        vetted = (family, tuple(sockaddr))
+        if vetted not in addresses:
+            addresses.append(vetted)
+    if not addresses:
+        raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb host name resolves to no IP address")
+    return addresses
+
+
+def _getaddrinfo(host: str, port: int, end: float) -> list[Any]:
+    """`getaddrinfo` bounded by `end`: it cannot be interrupted, so it runs on a daemon thread left behind
+    on timeout (the resolver's own timeouts end it later)."""
+    outcome: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
+        except OSError as exc:
+            outcome.append(exc)
+
+    resolver = threading.Thread(target=lookup, name="cxr-resolve", daemon=True)
+    resolver.start()
+    resolver.join(_time_left(end, "resolving the DICOMweb host"))
+    if not outcome:
+        raise FetchError(ErrorCode.TIMEOUT, "resolving the DICOMweb host ran past the deadline")
+    result = outcome[0]
+    if isinstance(result, socket.gaierror) and result.errno == socket.EAI_AGAIN:
+        raise FetchError(ErrorCode.UNAVAILABLE, "the DICOMweb host name could not be resolved for now")
+    if isinstance(result, OSError):
+        raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb host name does not resolve")
+    return list(result)
+
+
+def _connect(addresses: list[tuple[int, _SockAddr]], end: float) -> socket.socket:
+    """A TCP connection to the first vetted address that accepts, within the time left."""
+    last: OSError | None = None
+    for family, sockaddr in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_time_left(end, "connecting to the DICOMweb server"))
+            sock.connect(sockaddr)
+            return sock
+        except TimeoutError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise last or ConnectionError("no address to connect to")
+
+
+class _Watchdog:
+    """Shuts a connection down when its time is up, waking a read that a dripping server keeps alive.
+
+    The socket timeout bounds each read; this bounds them all, including those inside `http.client`
+    (status line, headers, chunk sizes) and the TLS handshake. It works on a duplicate descriptor so that
+    it never touches the (possibly TLS) socket object that the reading thread uses.
+    """
+
+    def __init__(self, sock: socket.socket, end: float) -> None:
+        self.fired = threading.Event()
+        self._lock = threading.Lock()
+        self._peer: socket.socket | None = socket.socket(fileno=os.dup(sock.fileno()))
+        self._timer = threading.Timer(max(0.0, end - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._peer is None:
+                return
+            self.fired.set()
+            with contextlib.suppress(OSError):
+                self._peer.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            if self._peer is not None:
+                self._peer.close()
+                self._peer = None
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """An HTTP connection over a socket already connected to a vetted address; it never dials by name."""
+
+    def __init__(self, host: str, port: int, sock: socket.socket) -> None:
+        super().__init__(host, port)
+        self.sock = sock
+
+    def connect(self) -> None:
+        raise http.client.NotConnected("the pinned connection was closed")
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """The system's trust store with hostname checking; built once per process."""
+    return ssl.create_default_context()
+
+
+def fetch_dicomweb(uri: str, policy: FetchPolicy, *, deadline: float | None = None) -> bytes:
+    """One instance by WADO-RS, as Part 10 bytes, within `policy.timeout_s` and the deadline."""
+    target = dicomweb_target(uri, policy.dicomweb_hosts)
+    budget_end = time.monotonic() + policy.timeout_s
+    end = budget_end if deadline is None else min(deadline, budget_end)
+    try:
+        body, content_type = _request(target, policy, end)
+    except FetchError as exc:
+        if exc.code is not ErrorCode.TIMEOUT:
+            raise
+        reason = (
+            f"the DICOMweb request took longer than {policy.timeout_s:g} s"
+            if end == budget_end
+            else "the DICOMweb request ran past the deadline"
+        )
+        raise FetchError(ErrorCode.TIMEOUT, reason) from None
     return first_part(body, content_type)
+
+
+def _request(target: DicomwebTarget, policy: FetchPolicy, end: float) -> tuple[bytes, str]:
+    """Resolve, connect to a vetted address and exchange, all by `end`; every failure is a `FetchError`."""
+    _time_left(end, "the DICOMweb request")
+    addresses = _resolve(target, policy.dicomweb_hosts, end)
+    try:
+        sock = _connect(addresses, end)
+    except OSError as exc:
+        raise _network_error(exc) from None
+    watchdog: _Watchdog | None = None
+    try:
+        watchdog = _Watchdog(sock, end)
+        answer = _exchange(sock, target, policy, end)
+    except (FetchError, OSError, http.client.HTTPException, ValueError) as exc:
+        if watchdog is not None and watchdog.fired.is_set():
+            raise FetchError(ErrorCode.TIMEOUT, "the DICOMweb request ran out of time") from None
+        if isinstance(exc, FetchError):
+            raise
+        raise _network_error(exc) from None
+    finally:
+        if watchdog is not None:
+            watchdog.close()
+        sock.close()
+    if watchdog.fired.is_set():  # a read cut off by the watchdog can look like a complete body
+        raise FetchError(ErrorCode.TIMEOUT, "the DICOMweb request ran out of time")
+    return answer
+
+
+def _exchange(sock: socket.socket, target: DicomwebTarget, policy: FetchPolicy, end: float) -> tuple[bytes, str]:
+    """Send the WADO-RS request on a connected socket; the body (size-limited) and its Content-Type."""
+    sock.settimeout(_time_left(end, "the TLS handshake"))
+    if target.tls:
+        sock = _tls_context().wrap_socket(sock, server_hostname=target.host)
+    connection = _PinnedConnection(target.host, target.port, sock)
+    try:
+        headers = {"Host": target.netloc, "Accept": _ACCEPT_DICOM}
+        if policy.dicomweb_token:
+            headers["Authorization"] = f"Bearer {policy.dicomweb_token}"
+        sock.settimeout(_time_left(end, "the DICOMweb request"))
+        connection.request("GET", target.request_target, headers=headers)
+        response = connection.getresponse()
+        if not 200 <= response.status < 300:
+            raise status_error(response.status)
+        declared = response.length  # None when chunked or not given
+        if declared is not None and declared > policy.max_bytes:
+            raise _too_large(policy.max_bytes)
+        body = _read_body(response, sock, policy.max_bytes, end)
+        if declared is not None and len(body) < declared:
+            raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb answer was cut short")
+        return body, response.getheader("Content-Type", "") or ""
+    finally:
+        connection.close()
+
+
+def _read_body(response: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, end: float) -> bytes:
+    """At most `max_bytes` of the body, one system call at a time, each bounded by the time left."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        sock.settimeout(_time_left(end, "reading the DICOMweb answer"))
+        chunk = response.read1(min(_CHUNK_BYTES, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
 
 
 def first_part(body: bytes, content_type: str) -> bytes:
