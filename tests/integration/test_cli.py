@@ -54,7 +54,8 @@ def test_produce_folder_publishes_existing_and_new_images(kafka_broker, topics, 
     for path in sample_jpegs[:2]:
         shutil.copy(path, folder / path.name)
     (folder / "README.txt").write_text("not an image")
-    proc = cxr("produce", "folder", str(folder), "--watch", "--interval", "0.2", env=kafka_env(kafka_broker, topics))
+    env = {**kafka_env(kafka_broker, topics), "CXR_STATE_DIR": str(tmp_path / "state")}
+    proc = cxr("produce", "folder", str(folder), "--watch", "--interval", "0.2", env=env)
     try:
         first = consume([topics["input_topic"]], 2, timeout_s=60)
         assert len(first) == 2

@@ -113,10 +113,16 @@ def test_references_for_images_only(tmp_path: Path, sample_jpegs: list[Path]) ->
     assert len({r.event_id for r in refs}) == len(refs) == 4
 
 
-def test_every_pass_gets_fresh_event_ids(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(PNG_HEAD)
+def test_a_file_version_keeps_its_event_id_and_a_replaced_file_gets_a_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(PNG_HEAD)
+    set_mtime(path, 1_700_000_000)
     first, second = list(references(scan(tmp_path))), list(references(scan(tmp_path)))
-    assert first[0].uri == second[0].uri and first[0].event_id != second[0].event_id
+    assert first[0].uri == second[0].uri and first[0].event_id == second[0].event_id  # consumers de-duplicate
+    path.write_bytes(PNG_HEAD + b"more")
+    set_mtime(path, 1_700_000_000)
+    (third,) = references(scan(tmp_path))
+    assert third.event_id != first[0].event_id
 
 
 def test_dicom_references_carry_the_header_identifiers(tmp_path: Path) -> None:
