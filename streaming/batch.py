@@ -22,7 +22,7 @@ from streaming.settings import Settings
 from streaming.udf import warm_up
 
 log = logging.getLogger(__name__)
-_SCHEMA = "value string, topic string, partition int, offset long, timestamp timestamp"
+_SCHEMA = "value binary, topic string, partition int, offset long, timestamp timestamp"
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,13 @@ class BatchSummary:
     dead_letters: int
 
 
-def reference_values(source: Path) -> list[str]:
-    """Reference messages from a folder of images, or from a file with one JSON message per line."""
+def reference_values(source: Path) -> list[bytes]:
+    """Reference messages from a folder of images, or from a file with one JSON message per line (as bytes,
+    like Kafka values: a line that is not UTF-8 becomes its own dead letter, not a failed job)."""
     if source.is_dir():
-        return [ref.to_json() for ref in references(scan(source))]
-    with source.open(encoding="utf-8") as handle:
-        return [line.rstrip("\n") for line in handle if line.strip()]
+        return [ref.to_json().encode("utf-8") for ref in references(scan(source))]
+    with source.open("rb") as handle:
+        return [line.rstrip(b"\r\n") for line in handle if line.strip()]
 
 
 def references_frame(spark: SparkSession, source: Path) -> DataFrame:
@@ -70,6 +71,7 @@ def run_batch(spark: SparkSession, settings: Settings, source: Path, output: Pat
             (
                 outcomes.select("topic", "key", "value")
                 .write.format("kafka")
+                .mode("append")
                 .options(**settings.spark_kafka_options())
                 .save()
             )

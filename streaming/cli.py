@@ -1,4 +1,10 @@
-"""`cxr`: the one command line. Flags override the environment, which overrides the config file."""
+"""`cxr`: the one command line. Flags override the environment, which overrides the config file.
+
+Exit codes, chosen for a supervisor (a Kubernetes restart policy, systemd): 0 stopped on request; 1 failed at
+run time (the broker away too long, a checkpoint write that failed, a crash): restarting resumes from the
+checkpoint; 2 a configuration the operator must fix (bad settings or flags, a model bundle that does not load,
+a checkpoint location that cannot be written); restarting alone will not help.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from streaming import logs
 from streaming.settings import Settings
 
 log = logging.getLogger("cxr")
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +106,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
         broker.start()
         broker.create_topics(topics, partitions=args.partitions)
         print(broker.bootstrap_servers, flush=True)
-        log.info("Kafka %s ready; topics: %s. Ctrl-C stops it.", broker.bootstrap_servers, ", ".join(topics))
+        log.info(
+            "Kafka %s ready; topics: %s; data in %s. Ctrl-C stops it.",
+            broker.bootstrap_servers,
+            ", ".join(topics),
+            broker.workdir,
+        )
         while broker.running:
             if stop.wait(0.5):
                 return 0
@@ -112,11 +124,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from streaming.checkpoint import describe_failure, ensure_writable
     from streaming.metrics import MetricsServer
     from streaming.pipeline import ScoringJob
     from streaming.spark import get_session
 
     settings = load_settings(args)
+    ensure_writable(settings.checkpoint_dir)
     spark = get_session(settings)
     job = ScoringJob.create(settings, spark)
     server = MetricsServer(job.metrics, job.health, settings.metrics_host, settings.metrics_port).start()
@@ -128,11 +142,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             pass
         failure = query.exception()
         if failure is not None:
-            log.error("the scoring query failed: %s", str(failure).splitlines()[0])
-            return 1
-        return 0
+            log.error("the scoring query failed: %s", describe_failure(str(failure), settings.checkpoint_dir))
+            return EXIT_FAILED
+        return EXIT_OK
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
     finally:
         job.stop()
         server.stop()
@@ -140,40 +154,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_produce_folder(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
-    from producers.folder import FolderWatcher, references, scan
+    from producers.folder import FolderCursorStore, FolderFeed
     from producers.publish import ReferencePublisher
+    from producers.state import StateError
 
     settings = load_settings(args)
     folder = Path(args.folder)
     if not folder.is_dir():
         log.error("not a folder: %s", folder)
         return 2
-    sent = 0
+    store = FolderCursorStore.for_folder(settings.state_dir, folder)
+    # The cursor is read before Kafka is contacted: a corrupt one stops us at once, with what to do.
+    try:
+        feed = FolderFeed(
+            folder, store, recursive=not args.no_recursive, interval_s=args.interval, from_start=args.from_start
+        )
+    except StateError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.from_start:
+        log.info("announcing every image again (--from-start); cursor %s", store.path)
+    else:
+        log.info("cursor %s: %d image(s) announced before", store.path, len(feed.cursor.files))
     with ReferencePublisher.for_settings(settings) as publisher:
-        paths = scan(folder, not args.no_recursive)
-        with Progress(transient=True, disable=len(paths) < 50) as progress:
-            task = progress.add_task("publishing", total=len(paths))
-            for ref in references(paths):
-                publisher.send(ref)
-                sent += 1
-                progress.advance(task)
-            publisher.flush()
-        log.info("published %d reference(s) to %s", sent, settings.input_topic)
-        if not args.watch:
-            return 0
-        watcher = FolderWatcher(folder, not args.no_recursive, args.interval, seen=dict.fromkeys(paths))
-        log.info("watching for new images (Ctrl-C stops)")
+        if args.watch:
+            log.info("watching %s for new images (Ctrl-C stops)", folder)
         try:
-            for path in watcher.watch(stop=stop.is_set):
-                for ref in references([path]):
-                    publisher.send(ref)
-                    publisher.flush()
-                    sent += 1
-                    log.info("published reference %d", sent)
+            feed.run(publisher, watch=args.watch, stop=stop.is_set)
         except KeyboardInterrupt:
-            pass
+            log.info("stopped")
+    log.info("published %d reference(s) to %s", feed.sent, settings.input_topic)
     return 0
 
 
@@ -228,8 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="an embedded single-node Kafka broker, in the foreground")
     _common(broker)
     _kafka(broker)
-    broker.add_argument("--port", type=int, default=9092, help="listener port (0: a free one); default 9092")
-    broker.add_argument("--data-dir", type=Path, help="keep the broker's data here (default: a temporary folder)")
+    broker.add_argument(
+        "--port",
+        type=int,
+        default=9092,
+        help="listener port (0: a free one, or with --data-dir the one that folder was served on); default 9092",
+    )
+    broker.add_argument(
+        "--data-dir",
+        type=Path,
+        help="keep the broker's data here; started again on it, the broker resumes with its topics, messages and "
+        "ports (default: a temporary folder, removed on exit)",
+    )
     broker.add_argument("--partitions", type=int, default=1, help="partitions of the topics it creates")
     broker.set_defaults(func=cmd_broker)
 
@@ -240,7 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     _kafka(folder)
     folder.add_argument("folder", help="the folder")
     folder.add_argument("--watch", action="store_true", help="keep publishing new files as they appear")
-    folder.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
+    folder.add_argument(
+        "--from-start",
+        action="store_true",
+        help="announce every image again, ignoring the cursor under CXR_STATE_DIR (same event ids as before)",
+    )
+    folder.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between polls (a file must hold still across two)"
+    )
     folder.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
     folder.set_defaults(func=cmd_produce_folder)
     return parser
@@ -250,12 +277,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
     stop.install()
+    from pydantic import ValidationError
+
+    from streaming.bundle import BundleError
+    from streaming.checkpoint import CheckpointError
+    from streaming.jvm import JvmSetupError
+
     try:
         return int(args.func(args))
+    except (ValidationError, FileNotFoundError, BundleError, CheckpointError, JvmSetupError) as exc:
+        log.debug("configuration error", exc_info=True)
+        log.error("%s: %s", type(exc).__name__, exc)
+        return EXIT_CONFIG
     except Exception as exc:  # a clear one-line error for the operator; the traceback at debug level
         log.debug("failed", exc_info=True)
         log.error("%s: %s", type(exc).__name__, exc)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ fields are ignored, optional fields may be missing or null. Every failure is a `
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -115,13 +116,24 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def _load_json(value: str | bytes) -> Any:
+    """JSON from text, or from bytes read strictly as UTF-8.
+
+    `json.loads` would guess UTF-16 or UTF-32 from raw bytes; the contract says UTF-8, so the bytes are
+    decoded here and anything else is invalid. Nesting deep enough to exhaust the parser's recursion is
+    invalid too, never an exception that escapes and fails the batch.
+    """
+    text = value.decode("utf-8") if isinstance(value, bytes | bytearray | memoryview) else value
+    return json.loads(text)
+
+
 def parse_reference(value: str | bytes | None) -> Reference:
     """Validate one message value against `cxr.reference/v1`."""
     if value is None:
-        raise ParseError(ErrorCode.INVALID_JSON, "the message has no value")
+        raise ParseError(ErrorCode.INVALID_JSON, "the message has no value (a tombstone)")
     try:
-        body = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
+        body = _load_json(value)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ParseError(ErrorCode.INVALID_JSON, "the message value is not valid UTF-8 JSON") from None
     if not isinstance(body, dict):
         raise ParseError(ErrorCode.NOT_AN_OBJECT, "the message value is JSON but not an object")
@@ -145,8 +157,8 @@ def parse_reference(value: str | bytes | None) -> Reference:
 def salvage_event_id(value: str | bytes | None) -> str | None:
     """The event id of a message that failed to parse, when one can be read at all."""
     try:
-        body = json.loads(value) if value is not None else None
-    except (ValueError, UnicodeDecodeError):
+        body = _load_json(value) if value is not None else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     event_id = body.get("event_id") if isinstance(body, dict) else None
     if isinstance(event_id, str) and event_id.strip() and _encodable(event_id):
@@ -180,22 +192,56 @@ def build_result(
     return body
 
 
+#: Above this, a dead letter carries the first part of the value only (the broker's default message limit is
+#: 1 MiB: a value near it would make a dead letter that the broker refuses, and fail the whole micro-batch).
+DEFAULT_PAYLOAD_MAX_BYTES = 256 * 1024
+
+
+def payload_fields(value: str | bytes | None, max_bytes: int = DEFAULT_PAYLOAD_MAX_BYTES) -> dict[str, Any]:
+    """The original value as the dead letter's `payload`, replayable where it can be.
+
+    UTF-8 text goes as it is. Other bytes go base64-encoded, marked `payload_encoding: "base64"`. A payload
+    whose JSON form would exceed `max_bytes` is cut to fit (escapes can make JSON text several times longer
+    than the value), marked `payload_truncated: true` with the value's full size in `payload_bytes`; the dead
+    letter's `source` still names the original message in full.
+    """
+    if value is None:
+        return {"payload": None}
+    raw = bytes(value) if not isinstance(value, str) else value.encode("utf-8", "surrogatepass")
+    try:
+        text = raw.decode("utf-8")
+        encoding = None
+    except UnicodeDecodeError:
+        text = base64.b64encode(raw[: max_bytes * 3 // 4]).decode("ascii")
+        encoding = "base64"
+    cut = text
+    while len(dumps({"p": cut})) - 8 > max_bytes:  # the JSON string's own size, quotes included
+        cut = cut[: int(len(cut) * max_bytes / (len(dumps({"p": cut})) - 8) * 0.95)]
+    fields: dict[str, Any] = {"payload": cut}
+    if encoding is not None:
+        fields["payload_encoding"] = encoding
+    if cut != text or (encoding is not None and len(raw) > max_bytes * 3 // 4):
+        fields.update(payload_truncated=True, payload_bytes=len(raw))
+    return fields
+
+
 def build_dead_letter(
     error: CxrError,
     *,
-    payload: str | None,
+    payload: str | bytes | None,
     source: Source,
     event_id: str | None,
     failed_at: datetime,
+    payload_max_bytes: int = DEFAULT_PAYLOAD_MAX_BYTES,
 ) -> dict[str, Any]:
-    """A `cxr.dead-letter/v1` body carrying the original value unchanged, so it can be replayed."""
+    """A `cxr.dead-letter/v1` body carrying the original value (see `payload_fields`), so it can be replayed."""
     return {
         "schema": DEAD_LETTER_SCHEMA,
         "event_id": event_id,
         "stage": error.stage.value,
         "error": error.code.value,
         "reason": error.reason,
-        "payload": payload,
+        **payload_fields(payload, payload_max_bytes),
         "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
         "failed_at": rfc3339(failed_at),
     }

@@ -65,6 +65,7 @@ def observed_columns() -> list[Column]:
         value = F.col(name)
         columns += [count_if(value <= bound).alias(f"{prefix}_le_{i}") for i, bound in enumerate(buckets)]
         columns += [F.sum(value).alias(f"{prefix}_sum"), F.count(value).alias(f"{prefix}_count")]
+    columns.append(F.max("stuck_threads").alias("stuck"))
     return columns
 
 
@@ -170,6 +171,12 @@ class JobMetrics:
             "cxr_kafka_offsets_behind_latest", "Input offsets not yet processed, summed over partitions", registry=r
         )
         self.model_info = Gauge("cxr_model_info", "The model bundle being served", ["name", "version"], registry=r)
+        self.stuck_threads = Gauge(
+            "cxr_stuck_decode_threads",
+            "Fetch/decode threads abandoned past their deadline and still running (most in one Python worker, "
+            "last batch); at CXR_MAX_STUCK_THREADS that worker answers `unavailable`",
+            registry=r,
+        )
         self.query_up = Gauge("cxr_query_up", "1 while the streaming query is active", registry=r)
         self.last_progress = Gauge(
             "cxr_last_progress_timestamp_seconds", "Unix time of the last query progress report", registry=r
@@ -208,6 +215,13 @@ class JobMetrics:
         for prefix, histogram in (("lat", self.latency), ("inf", self.inference), ("pre", self.preprocess)):
             buckets = [n(f"{prefix}_le_{i}") for i in range(len(histogram.buckets))]
             histogram.add(buckets, float(row.get(f"{prefix}_sum") or 0.0), n(f"{prefix}_count"))
+        if n("rows"):
+            self.stuck_threads.set(n("stuck"))
+
+    def record_dead_letter(self, stage: str, error: str) -> None:
+        """One dead letter written by the driver itself (a message that kills its worker)."""
+        self.references.labels("dead_letter").inc()
+        self.dead_letters.labels(stage, error).inc()
 
 
 def _number(value: Any) -> float:

@@ -1,11 +1,16 @@
 """The streaming query: Kafka references in, one result or one dead letter out for each, through one sink.
 
-    Kafka source ─► score (pandas UDF: parse, fetch, decode, predict, triage, build message)
-                 ─► observe (per-batch metrics) ─► Kafka sink (per-row `topic` column)
+    Kafka source ─► foreachBatch: score (pandas UDF: parse, fetch, decode, predict, triage, build message)
+                                  ─► observe (per-batch metrics) ─► Kafka (per-row `topic` column)
 
 Spark and Kafka wiring only; the per-row logic is `scoring.score_messages`. The Kafka source commits
 nothing to Kafka: progress lives in the checkpoint, so a restart resumes exactly after the last committed
-micro-batch (the sink is at-least-once: a batch interrupted mid-write is written again).
+micro-batch (the write is at-least-once: a batch interrupted mid-write is written again).
+
+Each micro-batch is written by `BatchWriter` rather than a plain Kafka sink, so that a message which kills
+its Python worker (a native decoder crash, an out-of-memory kill) costs only itself: the batch is run again,
+then in halves, down to the one message that still kills its worker alone, which becomes a `worker_crashed`
+dead letter. Without that, the query would fail on the same message after every restart.
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
 
 from streaming import bundle as bundles
+from streaming.contracts import Source
 from streaming.decode import DecodeLimits
 from streaming.fetch import FetchPolicy
-from streaming.metrics import OBSERVATION, JobMetrics, QueryHealth, observed_columns
-from streaming.scoring import ScoringConfig
+from streaming.metrics import JobMetrics, QueryHealth, observed_columns
+from streaming.scoring import RawMessage, ScoringConfig, crashed_outcome
+from streaming.spark import V1_SOURCES, kafka_writes_observable
 from streaming.udf import score_column, warm_up
 
 if TYPE_CHECKING:
@@ -76,7 +83,7 @@ def scoring_config(settings: Settings, threads: int | None = None) -> ScoringCon
 def kafka_record() -> Column:
     """The struct the scorer reads from a Kafka source row (or a batch row shaped like one)."""
     return F.struct(
-        F.col("value").cast("string").alias("value"),
+        F.col("value"),  # binary, as Kafka holds it: decoded in Python, where a bad byte fails one row only
         F.col("topic"),
         F.col("partition"),
         F.col("offset"),
@@ -87,6 +94,84 @@ def kafka_record() -> Column:
 def scored(df: DataFrame, archive: Broadcast[bundles.BundleArchive], config: ScoringConfig) -> DataFrame:
     """Kafka rows → outcome rows (topic, key, value and the metric columns)."""
     return df.select(score_column(archive, config, kafka_record()).alias("o")).select("o.*")
+
+
+KAFKA_COLUMNS = ("value", "topic", "partition", "offset", "timestamp")
+KAFKA_SCHEMA = "value binary, topic string, partition int, offset long, timestamp timestamp"
+_WORKER_DIED = ("Python worker exited unexpectedly", "PYTHON_WORKER_EXITED_UNEXPECTEDLY")
+
+
+def worker_died(exc: BaseException) -> bool:
+    """Did a job fail because a Python worker process died (rather than for a reason retrying cannot fix)?"""
+    text = str(exc)
+    return any(marker in text for marker in _WORKER_DIED)
+
+
+def pieces_to_retry(rows: list[Row]) -> list[list[Row]]:
+    """How a batch whose worker died is split, depth first: halves, down to single messages."""
+    middle = len(rows) // 2
+    return [rows[middle:], rows[:middle]] if len(rows) > 1 else []
+
+
+@dataclass
+class BatchWriter:
+    """Scores one micro-batch and writes its outcomes to Kafka; isolates a message that kills its worker."""
+
+    spark: SparkSession
+    archive: Broadcast[bundles.BundleArchive]
+    config: ScoringConfig
+    kafka_options: dict[str, str]
+    metrics: JobMetrics
+
+    def __call__(self, batch: DataFrame, batch_id: int) -> None:
+        try:
+            self.write(batch)
+        except Exception as exc:
+            if not worker_died(exc):
+                raise
+            log.warning("a Python worker died in micro-batch %d: scoring it again, in pieces if need be", batch_id)
+            self.isolate(batch.select(*KAFKA_COLUMNS).collect())
+
+    def write(self, batch: DataFrame) -> None:
+        """Score and write; the batch's figures count only once its write succeeded."""
+        observation = Observation("cxr-batch")  # not the name record_progress reads: never counted twice
+        outcomes = scored(batch, self.archive, self.config).observe(observation, *observed_columns())
+        outcomes.select("topic", "key", "value").write.format("kafka").mode("append").options(
+            **self.kafka_options
+        ).save()
+        self.metrics.record_observed(observation.get)  # filled by the write (V2 path: see spark.base_conf)
+
+    def isolate(self, rows: list[Row]) -> None:
+        """Whole again first (the worker may have died of something else), then halves, then single messages.
+
+        A piece whose worker dies again may have written part of its outcomes: those are written twice, and
+        consumers de-duplicate on `event_id` as for any replay.
+        """
+        pending = [rows]
+        while pending:
+            piece = pending.pop()
+            try:
+                self.write(self.spark.createDataFrame(piece, KAFKA_SCHEMA))
+            except Exception as exc:
+                if not worker_died(exc):
+                    raise
+                if len(piece) == 1:
+                    self.dead_letter_crashed(piece[0])
+                else:
+                    pending.extend(pieces_to_retry(piece))
+
+    def dead_letter_crashed(self, row: Row) -> None:
+        message = RawMessage(
+            value=bytes(row["value"]) if row["value"] is not None else None,
+            source=Source(row["topic"], int(row["partition"]), int(row["offset"])),
+        )
+        outcome = crashed_outcome(message, self.config)
+        log.error("a reference kills the scoring worker every time: dead-lettered as worker_crashed")
+        frame = self.spark.createDataFrame(
+            [(outcome.topic, outcome.key, outcome.value)], "topic string, key string, value string"
+        )
+        frame.write.format("kafka").mode("append").options(**self.kafka_options).save()
+        self.metrics.record_dead_letter(outcome.stage or "score", outcome.error or "worker_crashed")
 
 
 class _Listener(StreamingQueryListener):
@@ -148,6 +233,8 @@ class ScoringJob:
     def start(self) -> StreamingQuery:
         spark, s = self.spark, self.settings
         assert spark is not None
+        if not kafka_writes_observable(spark):
+            raise ValueError(f"{V1_SOURCES} must not list kafka: the job's metrics need Kafka writes on DataSource V2")
         archive = bundles.pack(s.model_bundle)
         descriptor = self.descriptor = archive.descriptor
         self.metrics.set_model(descriptor.name, descriptor.version)
@@ -162,20 +249,19 @@ class ScoringJob:
         source = source.option("failOnDataLoss", str(s.fail_on_data_loss).lower())
         if s.max_offsets_per_trigger:
             source = source.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
-        outcomes = scored(source.load(), broadcast, config).observe(OBSERVATION, *observed_columns())
+        writer = BatchWriter(spark, broadcast, config, s.spark_kafka_options(), self.metrics)
 
         self._listener = _Listener(self.metrics, self.health)
         spark.streams.addListener(self._listener)
         Path(s.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        writer = (
-            outcomes.select("topic", "key", "value")
-            .writeStream.format("kafka")
-            .options(**s.spark_kafka_options())
+        self.query = (
+            source.load()
+            .writeStream.foreachBatch(writer)
             .option("checkpointLocation", str(s.checkpoint_dir))
             .queryName(QUERY_NAME)
             .trigger(processingTime=s.trigger_interval)
+            .start()
         )
-        self.query = writer.start()
         self._listener.query_id = str(self.query.id)
         # The started event may have fired before the id was known.
         if self.query.isActive:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 
 import numpy as np
 
+from streaming import faults
 from streaming.bundle import Descriptor, LoadedBundle
 from streaming.contracts import (
     Reference,
@@ -27,8 +28,9 @@ from streaming.contracts import (
     parse_timestamp,
     salvage_event_id,
 )
+from streaming.deadlines import DeadlinePool, Job
 from streaming.decode import DecodeLimits, decode_image
-from streaming.errors import CxrError, ErrorCode, ScoreError
+from streaming.errors import CxrError, DecodeError, ErrorCode, FetchError, ScoreError, Stage
 from streaming.fetch import FetchPolicy, fetch
 from streaming.preprocess import draft_size_for, to_model_input
 from streaming.triage import priority, top_finding
@@ -57,7 +59,8 @@ class ScoringConfig:
 class RawMessage:
     """One record as read from Kafka."""
 
-    value: str | None
+    #: the raw bytes (Kafka), or text (a batch file); decoded strictly as UTF-8 when parsed
+    value: bytes | str | None
     source: Source
     timestamp: datetime | None = None
 
@@ -75,11 +78,26 @@ class Outcome:
     latency_s: float | None = None
     inference_s: float | None = None
     preprocess_s: float | None = None
+    #: decode threads of this Python worker stuck past their deadline when the row was written
+    stuck_threads: int = 0
 
 
-def prepare(ref: Reference, descriptor: Descriptor, config: ScoringConfig) -> np.ndarray:
-    """The model input for one reference; raises `CxrError` on any failure."""
-    data = fetch(ref.uri, config.fetch)
+def prepare(
+    ref: Reference,
+    descriptor: Descriptor,
+    config: ScoringConfig,
+    deadline: float | None = None,
+    phase: Callable[[Stage], None] = lambda stage: None,
+) -> np.ndarray:
+    """The model input for one reference; raises `CxrError` on any failure.
+
+    `deadline` (a `time.monotonic()` value) bounds the fetch from within; `phase` is told when decoding
+    starts, so a timeout can name the step that overran.
+    """
+    data = fetch(ref.uri, config.fetch, deadline=deadline)
+    phase(Stage.DECODE)
+    if config.fault_injection:
+        faults.inject(ref.uri)
     spec = descriptor.input_spec
     image = decode_image(data, config.limits, draft_size=draft_size_for(spec))
     return to_model_input(image, spec, descriptor.scaling)
@@ -95,14 +113,36 @@ class _Row:
     prep_s: float = 0.0
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, int], DeadlinePool] = {}
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """One decode pool per process and size: Python workers are reused across batches, so is the pool."""
-    if threads not in _pools:
-        _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cxr-decode")
-    return _pools[threads]
+def decode_pool(config: ScoringConfig) -> DeadlinePool:
+    """One pool per process and size: Python workers are reused across batches, so is the pool (and its
+    count of stuck threads, which later batches must see)."""
+    key = (config.decode_threads, config.max_stuck_threads)
+    if key not in _pools:
+        _pools[key] = DeadlinePool(config.decode_threads, config.max_stuck_threads)
+    return _pools[key]
+
+
+def _overran(job: Job[None], deadline_s: float) -> CxrError:
+    if job.phase == Stage.DECODE:
+        return DecodeError(ErrorCode.TIMEOUT, f"decoding the image took longer than the deadline of {deadline_s:g} s")
+    return FetchError(ErrorCode.TIMEOUT, f"fetching the image took longer than the deadline of {deadline_s:g} s")
+
+
+def _settle(row: _Row, job: Job[None], pool: DeadlinePool, deadline_s: float) -> None:
+    """Wait for a row's job, bounded by its deadline, and turn how it ended into the row's state."""
+    pool.wait(job)
+    if job.refused:
+        row.error = FetchError(
+            ErrorCode.UNAVAILABLE,
+            f"this scoring worker has {pool.max_stuck} reads stuck past their deadline and starts no more until "
+            "they return (storage or server not answering)",
+        )
+    elif job.timed_out:
+        row.error = _overran(job, deadline_s)
+        row.prep_s = deadline_s
 
 
 def score_messages(
@@ -111,7 +151,7 @@ def score_messages(
     config: ScoringConfig,
     clock: Callable[[], datetime] = now_utc,
 ) -> list[Outcome]:
-    """One outcome per message, in order."""
+    """One outcome per message, in order, each within a bounded time (`config.deadline_s` per reference)."""
     rows = [_Row(m) for m in messages]
     for row in rows:
         try:
@@ -123,11 +163,16 @@ def score_messages(
 
     descriptor = bundle.descriptor
 
-    def _prepare(row: _Row) -> None:
+    def _prepare(row: _Row, job: Job[None]) -> None:
         assert row.ref is not None
         started = time.perf_counter()
+        job.phase = Stage.FETCH
+
+        def phase(stage: Stage) -> None:
+            job.phase = stage
+
         try:
-            row.x = prepare(row.ref, descriptor, config)
+            row.x = prepare(row.ref, descriptor, config, job.deadline_at, phase)
         except CxrError as exc:
             row.error = exc
         except Exception as exc:  # a decoder bug must not fail the batch
@@ -135,16 +180,17 @@ def score_messages(
         row.prep_s = time.perf_counter() - started
 
     pending = [row for row in rows if row.error is None]
-    pool = _pool(config.decode_threads)
-    futures = [pool.submit(_prepare, row) for row in pending]
+    pool = decode_pool(config)
+    jobs = [pool.submit(partial(_prepare, row), config.deadline_s) for row in pending]
     size = config.inference_batch_size
     ready: list[tuple[_Row, np.ndarray, float]] = []  # row, probabilities, inference seconds per image
     # Predict each chunk as soon as its images are decoded, while the pool decodes the next ones
     # (TensorFlow releases the GIL): decoding and inference overlap instead of taking turns.
     for start in range(0, len(pending), size):
-        for future in futures[start : start + size]:
-            future.result()
-        batch = [row for row in pending[start : start + size] if row.x is not None]
+        for row, job in zip(pending[start : start + size], jobs[start : start + size], strict=True):
+            _settle(row, job, pool, config.deadline_s)
+        # A row that timed out keeps no input even if its abandoned thread finishes it later.
+        batch = [row for row in pending[start : start + size] if row.x is not None and row.error is None]
         if not batch:
             continue
         started = time.perf_counter()
@@ -165,7 +211,8 @@ def score_messages(
             row.error = ScoreError(ErrorCode.MODEL_ERROR, "the model produced a non-finite score for this image")
             continue
         outcomes[id(row)] = _result(row, probs, descriptor, config, scored_at, per_image_s)
-    return [outcomes.get(id(row)) or _dead_letter(row, config, scored_at) for row in rows]
+    stuck = pool.stuck
+    return [replace(outcomes.get(id(row)) or _dead_letter(row, config, scored_at), stuck_threads=stuck) for row in rows]
 
 
 def _result(
@@ -198,7 +245,12 @@ def _result(
 def _dead_letter(row: _Row, config: ScoringConfig, failed_at: datetime) -> Outcome:
     error = row.error or ScoreError(ErrorCode.MODEL_ERROR, "the reference was not scored")
     body = build_dead_letter(
-        error, payload=row.message.value, source=row.message.source, event_id=row.event_id, failed_at=failed_at
+        error,
+        payload=row.message.value,
+        source=row.message.source,
+        event_id=row.event_id,
+        failed_at=failed_at,
+        payload_max_bytes=config.dead_letter_payload_max_bytes,
     )
     return Outcome(
         topic=config.dead_letter_topic,
@@ -208,3 +260,13 @@ def _dead_letter(row: _Row, config: ScoringConfig, failed_at: datetime) -> Outco
         stage=error.stage.value,
         error=error.code.value,
     )
+
+
+def crashed_outcome(message: RawMessage, config: ScoringConfig, clock: Callable[[], datetime] = now_utc) -> Outcome:
+    """The dead letter for a message that took its Python worker down, also when it was retried alone."""
+    row = _Row(message, event_id=salvage_event_id(message.value))
+    row.error = ScoreError(
+        ErrorCode.WORKER_CRASHED,
+        "the scoring worker died while scoring this reference, again when it was retried on its own",
+    )
+    return _dead_letter(row, config, clock())

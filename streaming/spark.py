@@ -19,6 +19,7 @@ import pyspark
 from streaming.jvm import JvmSetupError, jars
 
 LOG4J2_CONFIG = Path(__file__).parent / "resources" / "log4j2.properties"
+V1_SOURCES = "spark.sql.sources.useV1SourceList"
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -79,12 +80,22 @@ def base_conf(settings: Settings, master: str | None = "local[*]") -> dict[str, 
         "spark.sql.streaming.minBatchesToRetain": "20",
         "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
         "spark.sql.ui.retainedExecutions": "50",
+        # Spark's default list minus kafka: batch writes to Kafka take the DataSource V2 path, the one where
+        # `Dataset.observe` metrics are delivered (the V1 path never fills an Observation, which then waits
+        # forever; `pipeline.BatchWriter` depends on this).
+        V1_SOURCES: "avro,csv,json,orc,parquet,text",
     }
     threads = worker_threads(settings, master)
     if threads:
         conf["spark.executorEnv.OMP_NUM_THREADS"] = str(threads)
     conf.update(settings.spark_conf)
     return conf
+
+
+def kafka_writes_observable(session: SparkSession) -> bool:
+    """True when batch writes to Kafka go through DataSource V2 (see `V1_SOURCES` in `base_conf`)."""
+    sources = session.conf.get(V1_SOURCES) or ""
+    return "kafka" not in {s.strip().lower() for s in sources.split(",")}
 
 
 def get_session(settings: Settings, app_name: str = "cxr-stream") -> SparkSession:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 #: One row out per row in: where it goes, what it says, and the figures the observed metrics aggregate.
 OUTCOME_SCHEMA = (
     "topic string, key string, value string, scored boolean, stage string, error string, "
-    "latency_s double, inference_s double, preprocess_s double"
+    "latency_s double, inference_s double, preprocess_s double, stuck_threads int"
 )
 _OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome))  # the schema above, in the same order
 
@@ -38,10 +38,18 @@ def _timestamp(value: Any) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def _value(value: Any) -> bytes | str | None:
+    """The record's value as it came: bytes from Kafka (never decoded by Spark or Arrow, so no byte sequence can
+    fail the batch), text from a batch file, None for a tombstone."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    return value if isinstance(value, bytes | str) else bytes(value)
+
+
 def _messages(frame: pd.DataFrame) -> list[RawMessage]:
     return [
         RawMessage(
-            value=None if value is None or (isinstance(value, float) and pd.isna(value)) else str(value),
+            value=_value(value),
             source=Source(str(topic), int(partition), int(offset)),
             timestamp=_timestamp(ts),
         )
@@ -56,7 +64,7 @@ def _frame(outcomes: list[Outcome]) -> pd.DataFrame:
 
 
 def score_column(archive: Broadcast[BundleArchive], config: ScoringConfig, record: Column) -> Column:
-    """`record` is a struct of the Kafka columns value (string), topic, partition, offset, timestamp."""
+    """`record` is a struct of the Kafka columns value (binary), topic, partition, offset, timestamp."""
     from pyspark.sql.functions import pandas_udf
 
     @pandas_udf(OUTCOME_SCHEMA)  # type: ignore[call-overload]

@@ -119,7 +119,8 @@ def run(spark, spark_settings, kafka_broker, sample_jpegs, tmp_path_factory) -> 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             _, text = http_get(f"http://127.0.0.1:{server.port}/metrics")
-            if 'cxr_references_total{outcome="scored"} 16.0' in text:
+            # Outcomes are counted when a batch is written, its duration when its progress is reported.
+            if 'cxr_references_total{outcome="scored"} 16.0' in text and "cxr_batches_total 0.0" not in text:
                 break
             time.sleep(0.5)
         ready_status, _ = http_get(f"http://127.0.0.1:{server.port}/readyz")

@@ -47,4 +47,6 @@ def test_known_failures_cover_every_code_once_per_stage() -> None:
     by_stage = {stage: {code for s, code in KNOWN_FAILURES if s is stage} for stage in Stage}
     assert ErrorCode.INVALID_JSON in by_stage[Stage.PARSE]
     assert ErrorCode.TOO_LARGE in by_stage[Stage.FETCH] and ErrorCode.TOO_LARGE in by_stage[Stage.DECODE]
-    assert by_stage[Stage.SCORE] == {ErrorCode.MODEL_ERROR}
+    assert by_stage[Stage.SCORE] == {ErrorCode.MODEL_ERROR, ErrorCode.WORKER_CRASHED}
+    assert ErrorCode.TIMEOUT in by_stage[Stage.FETCH] and ErrorCode.TIMEOUT in by_stage[Stage.DECODE]
+    assert ErrorCode.UNAVAILABLE in by_stage[Stage.FETCH]

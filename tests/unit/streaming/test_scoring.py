@@ -8,6 +8,8 @@ all run for real; only the TensorFlow model is replaced by a function of the mea
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -317,3 +319,74 @@ def test_topics_come_from_the_config(sample_jpegs: list[Path], descriptor: Descr
     )
     outcomes = run([raw(reference(sample_jpegs[0], "a"), 0), raw(None, 1)], descriptor, config, MeanPixelModel())
     assert [o.topic for o in outcomes] == ["r", "d"]
+
+
+# ------------------------------------------------------------------------------------ bounded, whatever comes
+
+
+def test_a_hung_decoder_becomes_a_decode_timeout_and_the_rest_is_scored(
+    sample_jpegs: list[Path], descriptor: Descriptor, config: ScoringConfig, scratch: Path, monkeypatch
+) -> None:
+    from dataclasses import replace
+
+    from streaming import faults
+
+    monkeypatch.setattr(faults, "HANG_S", 5.0)  # the abandoned thread ends during the test run
+    hang = scratch / f"{faults.HANG}.jpeg"
+    hang.write_bytes(sample_jpegs[0].read_bytes())
+    fast = replace(config, deadline_s=0.5, fault_injection=True, decode_threads=2)
+    messages = [raw(reference(hang, "ev-hang"), 0)] + [
+        raw(reference(p, f"ev-{i}"), i + 1) for i, p in enumerate(sample_jpegs[:4])
+    ]
+    started = time.monotonic()
+    outcomes = run(messages, descriptor, fast, MeanPixelModel())
+    assert time.monotonic() - started < 4.0
+    letter = body(outcomes[0])
+    assert (letter["stage"], letter["error"]) == ("decode", "timeout")
+    assert "0.5 s" in letter["reason"]
+    assert all(o.scored for o in outcomes[1:])
+    assert outcomes[0].stuck_threads >= 1
+
+
+def test_a_fifo_in_a_root_is_refused_without_blocking(
+    descriptor: Descriptor, config: ScoringConfig, scratch: Path
+) -> None:
+    fifo = scratch / "scan.jpeg"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    outcomes = run([raw(reference(fifo, "ev-fifo"), 0)], descriptor, config, MeanPixelModel())
+    assert time.monotonic() - started < 2.0
+    assert (outcomes[0].stage, outcomes[0].error) == ("fetch", "unsupported_uri")
+
+
+def test_non_utf8_bytes_are_a_parse_dead_letter_with_the_bytes_kept(
+    descriptor: Descriptor, config: ScoringConfig
+) -> None:
+    import base64
+
+    value = b"\xff\xfe\x00\x81" + b'{"schema": "cxr.reference/v1"}'
+    message = RawMessage(value=value, source=Source("cxr.references", 0, 5))
+    tombstone = RawMessage(value=None, source=Source("cxr.references", 0, 6))
+    deep = RawMessage(value=b"[" * 100_000, source=Source("cxr.references", 0, 7))
+    outcomes = run([message, tombstone, deep], descriptor, config, MeanPixelModel())
+    letters = [body(o) for o in outcomes]
+    assert [(d["stage"], d["error"]) for d in letters] == [("parse", "invalid_json")] * 3
+    assert letters[0]["payload_encoding"] == "base64"
+    assert base64.b64decode(letters[0]["payload"]) == value
+    assert letters[1]["payload"] is None
+    assert letters[2]["payload"] == "[" * 100_000 and "payload_encoding" not in letters[2]
+
+
+def test_a_value_near_the_broker_limit_makes_a_dead_letter_that_still_fits(
+    descriptor: Descriptor, config: ScoringConfig
+) -> None:
+    from dataclasses import replace
+
+    huge = json.dumps({"schema": "cxr.reference/v1", "event_id": "ev-big", "padding": "é" * 500_000})
+    small = replace(config, dead_letter_payload_max_bytes=64 * 1024)
+    outcome = run([raw(huge, 0)], descriptor, small, MeanPixelModel())[0]
+    letter = body(outcome)
+    assert (letter["error"], letter["event_id"]) == ("missing_field", "ev-big")
+    assert letter["payload_truncated"] is True and letter["payload_bytes"] == len(huge.encode())
+    assert len(outcome.value.encode()) < 70 * 1024
+    assert huge.startswith(letter["payload"])
