@@ -8,7 +8,6 @@ still fails the query (nothing is skipped), and `describe_failure` says so in pl
 
 from __future__ import annotations
 
-import errno
 import os
 import uuid
 from pathlib import Path
@@ -37,15 +36,10 @@ def ensure_writable(location: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+            probe.unlink()
     except OSError as exc:
         cause = os.strerror(exc.errno) if exc.errno else str(exc)
         raise CheckpointError(f"the checkpoint location {location} cannot be written: {cause}") from None
-    finally:
-        try:
-            probe.unlink()
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise CheckpointError(f"the checkpoint location {location} cannot be cleaned: {exc.strerror}") from None
 
 
 def describe_failure(failure: str, location: Path) -> str:

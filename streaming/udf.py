@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from streaming import logs
 from streaming.bundle import BundleArchive, load_archive
 from streaming.contracts import Source
 from streaming.scoring import Outcome, RawMessage, ScoringConfig, score_messages
@@ -69,6 +70,7 @@ def score_column(archive: Broadcast[BundleArchive], config: ScoringConfig, recor
 
     @pandas_udf(OUTCOME_SCHEMA)  # type: ignore[call-overload]
     def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        logs.silence_header_quoters()  # the worker's stderr ends up in the driver's log
         bundle = load_archive(archive.value, config.inference_threads)
         for frame in batches:
             yield _frame(score_messages(_messages(frame), bundle, config))
