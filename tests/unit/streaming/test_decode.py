@@ -5,7 +5,10 @@ PNG and DICOM inputs are built in code from the real JPEGs' decoded pixels, so "
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from io import BytesIO
@@ -17,7 +20,15 @@ import pytest
 from PIL import Image, ImageFile
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_encoder
-from pydicom.uid import UID, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from streaming.decode import DecodeLimits, decode_image, sniff_format
 from streaming.errors import DecodeError, ErrorCode, Stage
@@ -367,6 +378,8 @@ def test_real_images_over_the_pixel_limit_are_too_large(xray: tuple[bytes, np.nd
 def test_decode_limits_must_be_positive() -> None:
     with pytest.raises(ValueError):
         DecodeLimits(max_pixels=0)
+    with pytest.raises(ValueError):
+        DecodeLimits(max_jpeg_scans=0)
 
 
 def test_dicom_non_image_object_is_unsupported() -> None:
@@ -401,3 +414,329 @@ def test_dicom_garbage_after_preamble_is_corrupt() -> None:
 def test_dicom_palette_colour_is_unsupported(small_xray: np.ndarray) -> None:
     ds = image_dataset(small_xray, "PALETTE COLOR")
     assert_decode_error(dicom_bytes(ds), ErrorCode.UNSUPPORTED_FORMAT)
+
+
+def test_reasons_name_the_limit_not_the_declared_size() -> None:
+    err = assert_decode_error(png_header_only(9_001, 9_001), ErrorCode.TOO_LARGE)
+    assert "81018001" not in err.reason and "9001" not in err.reason
+    assert "60000000" in err.reason
+
+
+# ------------------------------------------------------------------------------------ decompression bombs
+#
+# Each bomb declares far more than it carries. The decoder must refuse it with a typed error, fast, and without
+# allocating what it declares. Memory is measured in a fresh interpreter (this one's peak RSS is whatever the
+# suite reached before), under an address-space cap so that a regression fails the test, not the machine.
+
+SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)})
+BOMB_SECONDS = 1.0
+BOMB_RSS_BYTES = 64 << 20
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+_BOMB_PROBE = """
+import json, resource, sys, time
+from pathlib import Path
+
+from streaming.decode import DecodeLimits, decode_image
+from streaming.errors import DecodeError
+
+def peak() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+manifest = json.loads(Path(sys.argv[1]).read_text())
+for path in manifest["warmup"]:
+    decode_image(Path(path).read_bytes())
+try:
+    pages = int(Path("/proc/self/statm").read_text().split()[0])
+    cap = pages * resource.getpagesize() + (1 << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+except (OSError, ValueError):
+    pass
+
+def measure(path: str, max_pixels: int) -> dict:
+    data = Path(path).read_bytes()
+    before, started = peak(), time.perf_counter()
+    try:
+        decode_image(data, DecodeLimits(max_pixels=max_pixels))
+        outcome = "decoded"
+    except DecodeError as err:
+        outcome = err.code.value
+    except BaseException as exc:
+        outcome = "escaped " + type(exc).__name__
+    return {"outcome": outcome, "seconds": time.perf_counter() - started, "rss": peak() - before}
+
+print(json.dumps({case["name"]: measure(case["path"], case["max_pixels"]) for case in manifest["cases"]}))
+"""
+
+
+def jpeg_with_frame_size(data: bytes, width: int, height: int) -> bytes:
+    """The JPEG with its frame header (SOFn) declaring another size; the scans are left as they were."""
+    pos = 2
+    while data[pos + 1] not in SOF_MARKERS and data[pos + 1] != 0xF7:
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return data[: pos + 5] + struct.pack(">HH", height, width) + data[pos + 9 :]
+
+
+def j2k_with_image_size(codestream: bytes, width: int, height: int) -> bytes:
+    """The JPEG 2000 codestream with its SIZ declaring another size (image offsets are zero as pydicom writes)."""
+    assert codestream[:4] == b"\xff\x4f\xff\x51"
+    return codestream[:8] + struct.pack(">II", width, height) + codestream[16:]
+
+
+def jp2_box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def jp2_wrapped(codestream: bytes, width: int, height: int) -> bytes:
+    """The codestream in a JP2 file wrapper whose image header declares width x height (one component)."""
+    ihdr = jp2_box(b"ihdr", struct.pack(">IIHBBBB", height, width, 1, 7, 7, 0, 0))
+    colr = jp2_box(b"colr", b"\x01\x00\x00" + struct.pack(">I", 17))
+    return (
+        jp2_box(b"jP  ", b"\r\n\x87\n")
+        + jp2_box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ")
+        + jp2_box(b"jp2h", ihdr + colr)
+        + jp2_box(b"jp2c", codestream)
+    )
+
+
+def jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def pack_bits(bits: str) -> bytes:
+    bits += "1" * (-len(bits) % 8)
+    return bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+
+
+def progressive_scan_bomb(width: int, height: int, scans: int) -> bytes:
+    """A valid progressive grayscale JPEG whose AC scans are repeated `scans` times.
+
+    Each repeated scan is 16 bytes (one EOB run code per 32767 blocks) yet costs libjpeg a pass over every
+    block of the image: a few hundred kilobytes keep a core busy for minutes at tens of megapixels.
+    """
+    blocks = -(-width // 8) * -(-height // 8)
+    head = (
+        b"\xff\xd8"
+        + jpeg_segment(0xDB, b"\x00" + bytes([1] * 64))
+        + jpeg_segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
+        + jpeg_segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")  # DC: one 1-bit code, category 0
+        + jpeg_segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\xe0")  # AC: one 1-bit code, EOB14
+        + jpeg_segment(0xDA, b"\x01\x01\x00\x00\x00\x00")
+        + pack_bits("0" * blocks)
+    )
+    eob_runs = pack_bits(("0" + "1" * 14) * -(-blocks // 32767)).replace(b"\xff", b"\xff\x00")
+    scan = jpeg_segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + eob_runs
+    return head + scan * scans + b"\xff\xd9"
+
+
+def rle_replicate_bomb(run_pairs: int) -> bytes:
+    """One RLE segment of `run_pairs` replicate runs: 2 bytes each, 128 bytes each once expanded."""
+    return struct.pack("<16L", 1, 64, *([0] * 14)) + b"\x81\x00" * run_pairs
+
+
+def _file_meta_end(part10: bytes) -> int:
+    """Where the dataset starts: after the preamble, DICM, and the group length-prefixed file meta."""
+    (group_length,) = struct.unpack("<I", part10[140:144])
+    return 144 + group_length
+
+
+def deflated_bomb(ds: Dataset, inflated_bytes: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file of `ds` with a private OB element of zeros appended.
+
+    Built by streaming the zeros through the compressor, so the test never holds what the file inflates to.
+    """
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    plain = dicom_bytes(ds)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated = dicom_bytes(ds)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [
+        deflated[: _file_meta_end(deflated)],
+        compressor.compress(plain[_file_meta_end(plain) :]),
+        compressor.compress(struct.pack("<HH2sHI", 0x0009, 0x1010, b"OB", 0, inflated_bytes)),
+    ]
+    zeros = bytes(1 << 20)
+    for _ in range(inflated_bytes >> 20):
+        parts.append(compressor.compress(zeros))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+def _frame0(ds: Dataset) -> bytes:
+    from pydicom.encaps import generate_frames
+
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def _compressed(pixels: np.ndarray, tsyntax: UID) -> Dataset:
+    ds = image_dataset(pixels)
+    ds.compress(tsyntax, pixels)
+    return ds
+
+
+def _declaring(ds: Dataset, rows: int, columns: int) -> bytes:
+    ds.Rows, ds.Columns = rows, columns
+    return dicom_bytes(ds)
+
+
+def bomb_cases(pixels: np.ndarray, jpeg: bytes) -> dict[str, tuple[bytes, int, ErrorCode]]:
+    """name -> (file, max_pixels, expected code). `pixels` is a small 8-bit X-ray crop, `jpeg` its JPEG."""
+    j2k = _frame0(_compressed(pixels, JPEG2000Lossless))
+    default = DecodeLimits().max_pixels
+    big = 65_535
+    cases: dict[str, tuple[bytes, int, ErrorCode]] = {
+        # PNG/JPEG headers: Pillow's own guard (>2x its MAX_IMAGE_PIXELS) or ours, both before decoding
+        "png-ihdr-100000x100000": (png_header_only(100_000, 100_000), default, ErrorCode.TOO_LARGE),
+        "png-ihdr-9000x9000": (png_header_only(9_000, 9_000), default, ErrorCode.TOO_LARGE),
+        "jpeg-sof-65500x65500": (jpeg_with_frame_size(jpeg, 65_500, 65_500), default, ErrorCode.TOO_LARGE),
+        "jpeg-sof-8000x8000": (jpeg_with_frame_size(jpeg, 8_000, 8_000), default, ErrorCode.TOO_LARGE),
+        # a CPU bomb: 2000 scans over 16 Mpx (within the pixel limit), 100 kB, ~5 s of libjpeg without the limit
+        "jpeg-2000-progressive-scans": (progressive_scan_bomb(4_000, 4_000, 2_000), default, ErrorCode.TOO_LARGE),
+        # DICOM headers declaring 65535 x 65535 over a few bytes, in every transfer syntax family
+        "dicom-native-header": (_declaring(image_dataset(pixels), big, big), default, ErrorCode.TOO_LARGE),
+        "dicom-jpeg-header": (
+            _declaring(encapsulated(image_dataset(pixels), JPEGBaseline8Bit, [jpeg]), big, big),
+            default,
+            ErrorCode.TOO_LARGE,
+        ),
+        "dicom-jpeg2000-header": (
+            _declaring(_compressed(pixels, JPEG2000Lossless), big, big),
+            default,
+            ErrorCode.TOO_LARGE,
+        ),
+        "dicom-jpeg-ls-header": (
+            _declaring(_compressed(pixels, JPEGLSLossless), big, big),
+            default,
+            ErrorCode.TOO_LARGE,
+        ),
+        "dicom-rle-header": (_declaring(_compressed(pixels, RLELossless), big, big), default, ErrorCode.TOO_LARGE),
+        # the DICOM header is small and honest-looking; the codestream inside declares the bomb. Decoders size
+        # their output by the codestream (pylibjpeg allocated ~4 GB for this before the codestream check).
+        "dicom-jpeg-frame-65500x65500": (
+            dicom_bytes(
+                encapsulated(image_dataset(pixels), JPEGBaseline8Bit, [jpeg_with_frame_size(jpeg, 65_500, 65_500)])
+            ),
+            default,
+            ErrorCode.TOO_LARGE,
+        ),
+        "dicom-jpeg2000-siz-65535x65535": (
+            dicom_bytes(encapsulated(image_dataset(pixels), JPEG2000Lossless, [j2k_with_image_size(j2k, big, big)])),
+            default,
+            ErrorCode.TOO_LARGE,
+        ),
+        "dicom-jp2-ihdr-65535x65535": (
+            dicom_bytes(encapsulated(image_dataset(pixels), JPEG2000Lossless, [jp2_wrapped(j2k, big, big)])),
+            default,
+            ErrorCode.TOO_LARGE,
+        ),
+        # within the limit but not the image the header describes: inconsistent before the size matters
+        "dicom-jpeg-frame-4000x4000": (
+            dicom_bytes(
+                encapsulated(image_dataset(pixels), JPEGBaseline8Bit, [jpeg_with_frame_size(jpeg, 4_000, 4_000)])
+            ),
+            default,
+            ErrorCode.CORRUPT_IMAGE,
+        ),
+        # 2 MB of replicate runs expand to 128 MB behind a small header: an inconsistent segment, not a size
+        "dicom-rle-replicate-runs": (
+            dicom_bytes(encapsulated(image_dataset(pixels), RLELossless, [rle_replicate_bomb(1 << 20)])),
+            default,
+            ErrorCode.CORRUPT_IMAGE,
+        ),
+        # 64 kB that inflate to 256 MB, over what one 1 Mpx frame needs (8 MB + 16 MB of header allowance)
+        "dicom-deflated-256MB": (deflated_bomb(image_dataset(pixels), 256 << 20), 1_000_000, ErrorCode.TOO_LARGE),
+        # the scan bomb inside a DICOM whose header agrees with it
+        "dicom-jpeg-frame-2000-scans": (
+            _declaring(
+                encapsulated(image_dataset(pixels), JPEGBaseline8Bit, [progressive_scan_bomb(4_000, 4_000, 2_000)]),
+                4_000,
+                4_000,
+            ),
+            default,
+            ErrorCode.TOO_LARGE,
+        ),
+        # not a bomb but a hang: pydicom walks JP2 boxes by their lengths and loops forever on a zero length
+        "dicom-jp2-zero-length-box": (
+            dicom_bytes(
+                encapsulated(image_dataset(pixels), JPEG2000Lossless, [jp2_box(b"jP  ", b"\r\n\x87\n") + b"\0"])
+            ),
+            default,
+            ErrorCode.CORRUPT_IMAGE,
+        ),
+    }
+    assert all(len(data) < (4 << 20) for data, _, _ in cases.values())
+    return cases
+
+
+BOMBS = [
+    "png-ihdr-100000x100000",
+    "png-ihdr-9000x9000",
+    "jpeg-sof-65500x65500",
+    "jpeg-sof-8000x8000",
+    "jpeg-2000-progressive-scans",
+    "dicom-native-header",
+    "dicom-jpeg-header",
+    "dicom-jpeg2000-header",
+    "dicom-jpeg-ls-header",
+    "dicom-rle-header",
+    "dicom-jpeg-frame-65500x65500",
+    "dicom-jpeg2000-siz-65535x65535",
+    "dicom-jp2-ihdr-65535x65535",
+    "dicom-jpeg-frame-4000x4000",
+    "dicom-rle-replicate-runs",
+    "dicom-deflated-256MB",
+    "dicom-jpeg-frame-2000-scans",
+    "dicom-jp2-zero-length-box",
+]
+
+
+@pytest.fixture(scope="module")
+def bomb_results(
+    small_xray: np.ndarray, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[ErrorCode, dict[str, Any]]]:
+    """Decode every bomb once in a fresh interpreter; name -> (expected code, measured outcome)."""
+    folder = tmp_path_factory.mktemp("bombs")
+    crop = np.ascontiguousarray(small_xray[:48, :64])
+    jpeg = jpeg_bytes(Image.fromarray(crop), quality=90)
+    cases = bomb_cases(crop, jpeg)
+    assert sorted(cases) == sorted(BOMBS)
+    warmup = {
+        "warm.jpeg": jpeg,
+        "warm.png": png_bytes(Image.fromarray(crop)),
+        "warm-native.dcm": dicom_bytes(image_dataset(crop)),
+        "warm-jpeg.dcm": dicom_bytes(encapsulated(image_dataset(crop), JPEGBaseline8Bit, [jpeg])),
+        **{
+            f"warm-{t.name}.dcm": dicom_bytes(_compressed(crop, t))
+            for t in (JPEG2000Lossless, JPEGLSLossless, RLELossless)
+        },
+    }
+    manifest: dict[str, Any] = {"warmup": [], "cases": []}
+    for name, data in warmup.items():
+        (folder / name).write_bytes(data)
+        manifest["warmup"].append(str(folder / name))
+    for name, (data, max_pixels, _) in cases.items():
+        (folder / name).write_bytes(data)
+        manifest["cases"].append({"name": name, "path": str(folder / name), "max_pixels": max_pixels})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    probe = subprocess.run(
+        [sys.executable, "-c", _BOMB_PROBE, str(folder / "manifest.json")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    return {name: (cases[name][2], measured[name]) for name in cases}
+
+
+@pytest.mark.parametrize("name", BOMBS)
+def test_decompression_bomb_is_refused_quickly_without_allocating_it(
+    bomb_results: dict[str, tuple[ErrorCode, dict[str, Any]]], name: str
+) -> None:
+    expected, measured = bomb_results[name]
+    assert measured["outcome"] == expected.value
+    assert measured["seconds"] < BOMB_SECONDS
+    assert measured["rss"] < BOMB_RSS_BYTES
