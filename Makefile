@@ -41,6 +41,7 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.isolation
 
 clean:
 	rm -rf $(VENV) jvm/lib jvm/target jvm/*/target .cxr .pytest_cache .mypy_cache .ruff_cache
