@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL_PACKAGE := pneumonia-model-package==0.3.0
 
-.PHONY: install demo test test-unit lint bench clean
+.PHONY: install demo test test-unit test-faults fuzz-long lint bench clean
 
 install: $(VENV)/.installed jvm/lib/.resolved
 
@@ -33,6 +33,13 @@ test: install
 
 test-unit: install
 	$(BIN)/pytest tests/unit
+
+test-faults: install
+	$(BIN)/pytest -m fault -s
+
+# The long fuzz run (over 100,000 inputs, about 15 minutes on one core); CI runs the short profile.
+fuzz-long: install
+	CXR_FUZZ_PROFILE=long $(BIN)/pytest tests/unit/streaming/test_fuzz.py -p no:cacheprovider --hypothesis-show-statistics -q
 
 lint: install
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ is lossless. DICOM datasets carry fake patient data, so tests can check that no 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from io import BytesIO
 from typing import Any
@@ -160,3 +161,19 @@ def dicom_variants(pixels: np.ndarray, jpeg: bytes, uids: Mapping[str, str]) -> 
             setattr(ds, keyword, value)
         files[name] = dicom_bytes(ds)
     return files
+
+
+def jp2_box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def jp2_wrapped(codestream: bytes, width: int, height: int) -> bytes:
+    """The codestream in a JP2 file wrapper whose image header declares width x height (one component)."""
+    ihdr = jp2_box(b"ihdr", struct.pack(">IIHBBBB", height, width, 1, 7, 7, 0, 0))
+    colr = jp2_box(b"colr", b"\x01\x00\x00" + struct.pack(">I", 17))
+    return (
+        jp2_box(b"jP  ", b"\r\n\x87\n")
+        + jp2_box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ")
+        + jp2_box(b"jp2h", ihdr + colr)
+        + jp2_box(b"jp2c", codestream)
+    )

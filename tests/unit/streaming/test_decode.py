@@ -39,6 +39,8 @@ from xray_files import (
     dicom_bytes,
     encapsulated,
     image_dataset,
+    jp2_box,
+    jp2_wrapped,
     jpeg_bytes,
     new_dataset,
     pillow_pixels,
@@ -482,22 +484,6 @@ def j2k_with_image_size(codestream: bytes, width: int, height: int) -> bytes:
     """The JPEG 2000 codestream with its SIZ declaring another size (image offsets are zero as pydicom writes)."""
     assert codestream[:4] == b"\xff\x4f\xff\x51"
     return codestream[:8] + struct.pack(">II", width, height) + codestream[16:]
-
-
-def jp2_box(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", 8 + len(payload)) + kind + payload
-
-
-def jp2_wrapped(codestream: bytes, width: int, height: int) -> bytes:
-    """The codestream in a JP2 file wrapper whose image header declares width x height (one component)."""
-    ihdr = jp2_box(b"ihdr", struct.pack(">IIHBBBB", height, width, 1, 7, 7, 0, 0))
-    colr = jp2_box(b"colr", b"\x01\x00\x00" + struct.pack(">I", 17))
-    return (
-        jp2_box(b"jP  ", b"\r\n\x87\n")
-        + jp2_box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ")
-        + jp2_box(b"jp2h", ihdr + colr)
-        + jp2_box(b"jp2c", codestream)
-    )
 
 
 def jpeg_segment(marker: int, payload: bytes) -> bytes:

@@ -59,6 +59,7 @@ from xray_files import (
     dicom_bytes,
     encapsulated,
     image_dataset,
+    jp2_wrapped,
     jpeg_bytes,
     pillow_pixels,
     png_bytes,
@@ -227,19 +228,8 @@ def _xray_pixels() -> np.ndarray:
 
 def _jp2(codestream: bytes) -> bytes:
     """A JPEG 2000 codestream in a JP2 wrapper (DICOM forbids it, pydicom and Pillow accept it)."""
-
-    def box(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", 8 + len(payload)) + kind + payload
-
     height, width = struct.unpack(">II", codestream[8:16])[::-1]
-    ihdr = box(b"ihdr", struct.pack(">IIHBBBB", height, width, 1, 7, 7, 0, 0))
-    colr = box(b"colr", b"\x01\x00\x00" + struct.pack(">I", 17))
-    return (
-        box(b"jP  ", b"\r\n\x87\n")
-        + box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ")
-        + box(b"jp2h", ihdr + colr)
-        + box(b"jp2c", codestream)
-    )
+    return jp2_wrapped(codestream, width, height)
 
 
 def _compressed(pixels: np.ndarray, tsyntax: UID) -> Dataset:
