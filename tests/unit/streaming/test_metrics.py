@@ -328,3 +328,22 @@ def test_http_endpoints(served: tuple[str, JobMetrics, QueryHealth]) -> None:
 
     status, _, body = get(f"{base}/nope")
     assert status == 404
+
+
+def test_stuck_threads_follow_the_last_batch_and_an_empty_batch_leaves_them() -> None:
+    metrics = JobMetrics()
+    metrics.record_observed({**observed_row(), "stuck": 3})
+    assert value(scrape(metrics), "cxr_stuck_decode_threads") == 3
+    metrics.record_observed({"rows": 0, "stuck": None})  # a batch without rows says nothing about workers
+    assert value(scrape(metrics), "cxr_stuck_decode_threads") == 3
+    metrics.record_observed({**observed_row(), "stuck": 0})
+    assert value(scrape(metrics), "cxr_stuck_decode_threads") == 0
+
+
+def test_a_dead_letter_written_by_the_driver_is_counted() -> None:
+    metrics = JobMetrics()
+    metrics.record_dead_letter("score", "worker_crashed")
+    samples = scrape(metrics)
+    assert value(samples, "cxr_dead_letters_total", stage="score", error="worker_crashed") == 1
+    assert value(samples, "cxr_references_total", outcome="dead_letter") == 1
+    assert value(samples, "cxr_dead_letters_total", stage="decode", error="timeout") == 0  # pre-registered
