@@ -156,7 +156,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_produce_folder(args: argparse.Namespace) -> int:
     from producers.folder import FolderCursorStore, FolderFeed
     from producers.publish import ReferencePublisher
-    from producers.state import StateError
 
     settings = load_settings(args)
     folder = Path(args.folder)
@@ -165,13 +164,9 @@ def cmd_produce_folder(args: argparse.Namespace) -> int:
         return 2
     store = FolderCursorStore.for_folder(settings.state_dir, folder)
     # The cursor is read before Kafka is contacted: a corrupt one stops us at once, with what to do.
-    try:
-        feed = FolderFeed(
-            folder, store, recursive=not args.no_recursive, interval_s=args.interval, from_start=args.from_start
-        )
-    except StateError as exc:
-        log.error("%s", exc)
-        return 2
+    feed = FolderFeed(
+        folder, store, recursive=not args.no_recursive, interval_s=args.interval, from_start=args.from_start
+    )
     if args.from_start:
         log.info("announcing every image again (--from-start); cursor %s", store.path)
     else:
@@ -279,13 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop.install()
     from pydantic import ValidationError
 
+    from producers.state import StateError
     from streaming.bundle import BundleError
     from streaming.checkpoint import CheckpointError
     from streaming.jvm import JvmSetupError
 
     try:
         return int(args.func(args))
-    except (ValidationError, FileNotFoundError, BundleError, CheckpointError, JvmSetupError) as exc:
+    except (ValidationError, FileNotFoundError, BundleError, CheckpointError, JvmSetupError, StateError) as exc:
         log.debug("configuration error", exc_info=True)
         log.error("%s: %s", type(exc).__name__, exc)
         return EXIT_CONFIG

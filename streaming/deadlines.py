@@ -32,12 +32,20 @@ class Job(Generic[T]):
     #: What the job is doing now (the callable sets it), so a timeout can say which step overran.
     phase: str = ""
     started_at: float | None = None
+    finished_at: float | None = None
     result: T | None = None
     error: BaseException | None = None
     timed_out: bool = False
     #: Refused without running: too many threads are stuck.
     refused: bool = False
     _done: bool = field(default=False, repr=False)
+
+    @property
+    def seconds(self) -> float:
+        """How long it ran (0 until it finished)."""
+        if self.started_at is None or self.finished_at is None:
+            return 0.0
+        return self.finished_at - self.started_at
 
     @property
     def deadline_at(self) -> float | None:
@@ -118,6 +126,7 @@ class DeadlinePool:
                 job.result = job.fn(job)
             except BaseException as exc:  # handed to the waiter, never lost in a thread
                 job.error = exc
+            job.finished_at = self._clock()
             with self._cond:
                 if job.timed_out:  # abandoned meanwhile: its replacement has the slot, this thread ends
                     self._stuck -= 1

@@ -235,24 +235,27 @@ def read_file(
             raise _outside_roots()
         if info.st_size > max_bytes:
             raise _too_large(max_bytes)
-        return _read_fd(fd, max_bytes, deadline)
+        return _read_limited(
+            functools.partial(os.read, fd), max_bytes, functools.partial(_time_left, deadline, "reading the file")
+        )
     except OSError as exc:
         raise _file_error(exc) from None
     finally:
         os.close(fd)
 
 
-def _read_fd(fd: int, max_bytes: int, deadline: float | None) -> bytes:
-    """At most `max_bytes` from a descriptor, checking the deadline between chunks."""
+def _read_limited(read: Callable[[int], bytes], max_bytes: int, before_each: Callable[[], object]) -> bytes:
+    """At most `max_bytes` from `read`, a chunk at a time; `before_each` runs before every read (the deadline
+    check), so no single read can carry the whole fetch past it. More than `max_bytes` is `too_large`."""
     chunks: list[bytes] = []
     total = 0
     while True:
-        _time_left(deadline, "reading the file")
-        chunk = os.read(fd, min(_CHUNK_BYTES, max_bytes + 1 - total))
+        before_each()
+        chunk = read(min(_CHUNK_BYTES, max_bytes + 1 - total))
         if not chunk:
             return b"".join(chunks)
         total += len(chunk)
-        if total > max_bytes:  # the file grew after fstat
+        if total > max_bytes:  # a file that grew after fstat, a body longer than announced
             raise _too_large(max_bytes)
         chunks.append(chunk)
 
@@ -629,27 +632,16 @@ def _exchange(sock: socket.socket, target: DicomwebTarget, policy: FetchPolicy, 
         declared = response.length  # None when chunked or not given
         if declared is not None and declared > policy.max_bytes:
             raise _too_large(policy.max_bytes)
-        body = _read_body(response, sock, policy.max_bytes, end)
+        body = _read_limited(
+            response.read1,
+            policy.max_bytes,
+            lambda: sock.settimeout(_time_left(end, "reading the DICOMweb answer")),
+        )
         if declared is not None and len(body) < declared:
             raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb answer was cut short")
         return body, response.getheader("Content-Type", "") or ""
     finally:
         connection.close()
-
-
-def _read_body(response: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, end: float) -> bytes:
-    """At most `max_bytes` of the body, one system call at a time, each bounded by the time left."""
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        sock.settimeout(_time_left(end, "reading the DICOMweb answer"))
-        chunk = response.read1(min(_CHUNK_BYTES, max_bytes + 1 - total))
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
 
 
 def first_part(body: bytes, content_type: str) -> bytes:

@@ -125,14 +125,18 @@ def decode_pool(config: ScoringConfig) -> DeadlinePool:
     return _pools[key]
 
 
-def _overran(job: Job[None], deadline_s: float) -> CxrError:
+def _overran(job: Job[np.ndarray], deadline_s: float) -> CxrError:
     if job.phase == Stage.DECODE:
         return DecodeError(ErrorCode.TIMEOUT, f"decoding the image took longer than the deadline of {deadline_s:g} s")
     return FetchError(ErrorCode.TIMEOUT, f"fetching the image took longer than the deadline of {deadline_s:g} s")
 
 
-def _settle(row: _Row, job: Job[None], pool: DeadlinePool, deadline_s: float) -> None:
-    """Wait for a row's job, bounded by its deadline, and turn how it ended into the row's state."""
+def _settle(row: _Row, job: Job[np.ndarray], pool: DeadlinePool, deadline_s: float) -> None:
+    """Wait for a row's job, bounded by its deadline, and set the row from how it ended.
+
+    Only this (waiting) thread writes the row: a job abandoned past its deadline may finish later, and
+    whatever it returns then is ignored.
+    """
     pool.wait(job)
     if job.refused:
         row.error = FetchError(
@@ -140,9 +144,18 @@ def _settle(row: _Row, job: Job[None], pool: DeadlinePool, deadline_s: float) ->
             f"this scoring worker has {pool.max_stuck} reads stuck past their deadline and starts no more until "
             "they return (storage or server not answering)",
         )
-    elif job.timed_out:
+        return
+    row.prep_s = deadline_s if job.timed_out else job.seconds
+    if job.timed_out:
         row.error = _overran(job, deadline_s)
-        row.prep_s = deadline_s
+    elif isinstance(job.error, CxrError):
+        row.error = job.error
+    elif job.error is not None:  # a decoder bug must not fail the batch
+        row.error = ScoreError(
+            ErrorCode.MODEL_ERROR, f"unexpected {type(job.error).__name__} while preparing the image"
+        )
+    else:
+        row.x = job.result
 
 
 def score_messages(
@@ -163,25 +176,14 @@ def score_messages(
 
     descriptor = bundle.descriptor
 
-    def _prepare(row: _Row, job: Job[None]) -> None:
-        assert row.ref is not None
-        started = time.perf_counter()
+    def _prepare(ref: Reference | None, job: Job[np.ndarray]) -> np.ndarray:
+        assert ref is not None  # pending rows parsed
         job.phase = Stage.FETCH
-
-        def phase(stage: Stage) -> None:
-            job.phase = stage
-
-        try:
-            row.x = prepare(row.ref, descriptor, config, job.deadline_at, phase)
-        except CxrError as exc:
-            row.error = exc
-        except Exception as exc:  # a decoder bug must not fail the batch
-            row.error = ScoreError(ErrorCode.MODEL_ERROR, f"unexpected {type(exc).__name__} while preparing the image")
-        row.prep_s = time.perf_counter() - started
+        return prepare(ref, descriptor, config, job.deadline_at, partial(setattr, job, "phase"))
 
     pending = [row for row in rows if row.error is None]
     pool = decode_pool(config)
-    jobs = [pool.submit(partial(_prepare, row), config.deadline_s) for row in pending]
+    jobs = [pool.submit(partial(_prepare, row.ref), config.deadline_s) for row in pending]
     size = config.inference_batch_size
     ready: list[tuple[_Row, np.ndarray, float]] = []  # row, probabilities, inference seconds per image
     # Predict each chunk as soon as its images are decoded, while the pool decodes the next ones
@@ -189,8 +191,7 @@ def score_messages(
     for start in range(0, len(pending), size):
         for row, job in zip(pending[start : start + size], jobs[start : start + size], strict=True):
             _settle(row, job, pool, config.deadline_s)
-        # A row that timed out keeps no input even if its abandoned thread finishes it later.
-        batch = [row for row in pending[start : start + size] if row.x is not None and row.error is None]
+        batch = [row for row in pending[start : start + size] if row.x is not None]
         if not batch:
             continue
         started = time.perf_counter()
