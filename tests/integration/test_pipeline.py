@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from probes import http_get, read_records
-from streaming.contracts import Reference
+from streaming.contracts import Reference, payload_fields
 from streaming.metrics import MetricsServer
 from streaming.pipeline import ScoringJob
 from streaming.settings import Settings
@@ -31,8 +31,11 @@ def reference(uri: str, event_id: str | None = None) -> str:
     return Reference(event_id=event_id or str(uuid.uuid4()), uri=uri).to_json()
 
 
-def hostile_inputs(root: Path, outside: Path, sample: Path) -> list[tuple[str, str | None, str, str]]:
+def hostile_inputs(root: Path, outside: Path, sample: Path) -> list[tuple[str, str | bytes | None, str, str]]:
     """(description, message value, expected stage, expected error) for every kind of bad input."""
+    import os
+    import socket
+
     from PIL import Image
 
     secret = outside / "secret.jpeg"
@@ -46,7 +49,28 @@ def hostile_inputs(root: Path, outside: Path, sample: Path) -> list[tuple[str, s
     Image.fromarray(noise).save(root / "huge.png")
     assert (root / "huge.png").stat().st_size > MAX_BYTES
     schema_v2 = json.dumps({"schema": "cxr.reference/v2", "event_id": "e-v2", "uri": (root / "x.png").as_uri()})
+    os.mkfifo(root / "scan.jpeg")
+    os.mknod(root / "zero.dcm", 0o600 | 0o020000, os.makedev(1, 5))  # a character device: /dev/zero's numbers
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "socket.png"))  # closed with the test process; the path stays a socket
+    near_limit = json.dumps(
+        {"schema": "cxr.reference/v1", "event_id": "e-big", "uri": "gopher://x/1", "padding": "x" * 900_000}
+    )
+    instance = "/dicom-web/studies/1/series/2/instances/3"
     return [
+        ("not UTF-8", b"\xff\xfe\x00\x81" + b'{"schema": "cxr.reference/v1"}', "parse", "invalid_json"),
+        ("a tombstone", None, "parse", "invalid_json"),
+        ("nesting too deep", "[" * 100_000, "parse", "invalid_json"),
+        ("a value near the broker's size limit", near_limit, "fetch", "unsupported_uri"),
+        ("a FIFO in the root", reference((root / "scan.jpeg").as_uri()), "fetch", "unsupported_uri"),
+        ("a device in the root", reference((root / "zero.dcm").as_uri()), "fetch", "unsupported_uri"),
+        ("a socket in the root", reference((root / "socket.png").as_uri()), "fetch", "unsupported_uri"),
+        ("a folder", reference(root.as_uri()), "fetch", "unsupported_uri"),
+        ("URL-encoded '..'", reference(f"file://{root}/%2e%2e/outside/secret.jpeg"), "fetch", "forbidden_uri"),
+        ("file:// with a host", reference(f"file://fileserver{root}/truncated.jpeg"), "fetch", "forbidden_uri"),
+        ("decimal loopback", reference(f"http://2130706433{instance}"), "fetch", "forbidden_uri"),
+        ("IPv4-mapped IPv6", reference(f"http://[::ffff:127.0.0.1]{instance}"), "fetch", "forbidden_uri"),
+        ("cloud metadata", reference(f"http://169.254.169.254{instance}"), "fetch", "forbidden_uri"),
         ("invalid JSON", "{not json", "parse", "invalid_json"),
         ("JSON that is not an object", "[1, 2, 3]", "parse", "not_an_object"),
         ("missing uri", json.dumps({"schema": "cxr.reference/v1", "event_id": "e-no-uri"}), "parse", "missing_field"),
@@ -65,7 +89,7 @@ def hostile_inputs(root: Path, outside: Path, sample: Path) -> list[tuple[str, s
 @dataclass
 class Run:
     good: list[str]
-    bad: list[tuple[str, str | None, str, str]]
+    bad: list[tuple[str, str | bytes | None, str, str]]
     results: dict[str, dict[str, Any]]
     dead: list[dict[str, Any]]
     total_sent: int
@@ -99,12 +123,14 @@ def run(spark, spark_settings, kafka_broker, sample_jpegs, tmp_path_factory) -> 
 
     good = {str(uuid.uuid4()): p for p in sample_jpegs}
     bad = hostile_inputs(root, outside, sample_jpegs[0])
-    values = [reference(p.as_uri(), eid) for eid, p in good.items()] + [v for _, v, _, _ in bad]
+    values: list[str | bytes | None] = [reference(p.as_uri(), eid) for eid, p in good.items()]
+    values += [v for _, v, _, _ in bad]
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
     for value in values:
-        producer.send(topics["input_topic"], value.encode())
+        key = b"a-tombstone" if value is None else None  # Kafka takes a null value only with a key
+        producer.send(topics["input_topic"], value.encode() if isinstance(value, str) else value, key=key)
     producer.flush()
     producer.close()
 
@@ -182,7 +208,7 @@ def test_bad_input_becomes_dead_letters_with_reasons(run: Run) -> None:
     by_payload = {d["payload"]: d for d in run.dead}
     assert len(run.dead) == len(run.bad)
     for description, value, stage, error in run.bad:
-        letter = by_payload.get(value)
+        letter = by_payload.get(payload_fields(value)["payload"])  # as a dead letter carries it
         assert letter is not None, description
         assert (letter["stage"], letter["error"]) == (stage, error), description
         assert letter["schema"] == "cxr.dead-letter/v1"
