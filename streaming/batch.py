@@ -19,7 +19,7 @@ from streaming import bundle as bundles
 from streaming.contracts import now_utc
 from streaming.pipeline import inference_threads, scored, scoring_config
 from streaming.settings import Settings
-from streaming.udf import warm_up
+from streaming.udf import scoring_udf, warm_up
 
 log = logging.getLogger(__name__)
 _SCHEMA = "value binary, topic string, partition int, offset long, timestamp timestamp"
@@ -55,7 +55,8 @@ def run_batch(spark: SparkSession, settings: Settings, source: Path, output: Pat
     config = scoring_config(settings, inference_threads(settings, spark))
     if settings.warmup:
         warm_up(spark, broadcast, config)
-    outcomes = scored(references_frame(spark, source), broadcast, config).persist(StorageLevel.MEMORY_AND_DISK)
+    outcomes = scored(references_frame(spark, source), scoring_udf(broadcast, config))
+    outcomes = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = {row["scored"]: row["count"] for row in outcomes.groupBy("scored").count().collect()}
         if output is not None:

@@ -37,6 +37,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from streaming.cores import available_cores
 from streaming.jvm import jars, java_executable
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,12 @@ def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
 
 def _popen(args: list[str], kwargs: dict[str, Any]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, preexec_fn=_die_with_parent, **kwargs)
+
+
+def default_partitions() -> int:
+    """Partitions of the topics the embedded broker creates: one per core, so a consumer group (or Spark
+    without `minPartitions`) can use every core. The scoring job splits input by cores whatever this is."""
+    return available_cores()
 
 
 def new_cluster_id() -> str:
@@ -416,6 +423,7 @@ class EmbeddedBroker:
         return ""
 
     def create_topics(self, names: Iterable[str], partitions: int = 1) -> None:
+        """Topics with `partitions` partitions each (replication 1: one broker); existing ones are kept."""
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=30000)
         try:
             for name in names:

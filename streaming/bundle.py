@@ -6,7 +6,7 @@ output activation, its labels and the triage rules. Loading validates the descri
 fails loudly when they disagree: serving a model with the wrong preprocessing is silent and dangerous.
 
 The driver packs a bundle into a `BundleArchive` (plain bytes, broadcast once to the executors); each Python
-worker unpacks and loads it once and keeps it across micro-batches.
+worker unpacks and loads it once and keeps it across micro-batches, on the device `streaming.device` chooses.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import importlib.util
 import io
 import logging
 import os
+import shutil
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from streaming.device import DevicePlan, InferenceDevice, choose_device, restrict_visible_gpus, task_gpu_addresses
 from streaming.preprocess import InputSpec, Resample, Scaling
 from streaming.triage import TriageRules
 
@@ -182,9 +184,11 @@ def _activate(logits: np.ndarray, activation: Activation) -> np.ndarray:
 class LoadedBundle:
     """A model ready to predict, with its descriptor. Thread-safe `predict`; one per Python worker."""
 
-    def __init__(self, descriptor: Descriptor, infer: Callable[[np.ndarray], np.ndarray]) -> None:
+    def __init__(self, descriptor: Descriptor, infer: Callable[[np.ndarray], np.ndarray], device: str = "cpu") -> None:
         self.descriptor = descriptor
         self._infer = infer
+        #: where it predicts: "cpu" or "gpu:<address>" (`DevicePlan.label`)
+        self.device = device
         self._lock = threading.Lock()
 
     def predict(self, batch: np.ndarray, batch_size: int) -> np.ndarray:
@@ -204,7 +208,7 @@ class LoadedBundle:
         self.predict(np.zeros((batch_size, spec.height, spec.width, spec.channels), np.float32), batch_size)
 
 
-def _compiled_keras(model: Any, descriptor: Descriptor) -> Callable[[np.ndarray], np.ndarray]:
+def _compiled_keras(model: Any, descriptor: Descriptor, device: str) -> Callable[[np.ndarray], np.ndarray]:
     import tensorflow as tf
 
     spec = descriptor.input
@@ -212,7 +216,8 @@ def _compiled_keras(model: Any, descriptor: Descriptor) -> Callable[[np.ndarray]
 
     @tf.function(input_signature=signature, reduce_retracing=True)
     def infer(x: Any) -> Any:
-        return model(x, training=False)
+        with tf.device(device):  # explicit: the trace must not take the device scope of whoever calls first
+            return model(x, training=False)
 
     return lambda batch: infer(tf.convert_to_tensor(batch)).numpy()
 
@@ -265,19 +270,47 @@ def import_tensorflow(threads: int | None = None) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
 
 
-def load_model_file(descriptor: Descriptor, model_path: Path, threads: int | None = None) -> LoadedBundle:
-    """Load and validate the TensorFlow model behind a descriptor."""
+def plan_device(wanted: InferenceDevice, spark_gpus: Sequence[str] = ()) -> DevicePlan:
+    """Check TensorFlow's GPUs against the setting and Spark's assignment, and prepare them.
+
+    Raises `DeviceError` before any model is read when a GPU is wanted or assigned but missing. Visible GPUs
+    get memory growth, so the Python workers sharing one (`spark.task.resource.gpu.amount` below 1) each take
+    what they use rather than all of it. That is only possible before TensorFlow's runtime starts; later (a
+    second load in the same process) the runtime keeps what it has, and placement still follows the plan.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    plan = choose_device(wanted, spark_gpus, len(gpus))
+    with contextlib.suppress(RuntimeError):
+        for gpu in gpus:
+            tf.config.experimental.set_memory_growth(gpu, True)
+    return plan
+
+
+def load_model_file(
+    descriptor: Descriptor,
+    model_path: Path,
+    threads: int | None = None,
+    device: InferenceDevice = "auto",
+    spark_gpus: Sequence[str] = (),
+) -> LoadedBundle:
+    """Load and validate the TensorFlow model behind a descriptor, on the device `device` and `spark_gpus` (the
+    task's GPU addresses) call for. Raises `DeviceError` for a GPU wanted or assigned but not found."""
     import_tensorflow(threads)
+    plan = plan_device(device, spark_gpus)
+    import tensorflow as tf
+
     if descriptor.model.format == "keras":
         import keras
 
-        model = keras.models.load_model(model_path, compile=False)
+        with tf.device(plan.tf_device):
+            model = keras.models.load_model(model_path, compile=False)
         _validate(descriptor, model.input_shape, model.output_shape)
-        return LoadedBundle(descriptor, _compiled_keras(model, descriptor))
+        return LoadedBundle(descriptor, _compiled_keras(model, descriptor, plan.tf_device), plan.label)
 
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(model_path))
+    with tf.device(plan.tf_device):
+        loaded = tf.saved_model.load(str(model_path))
     fn = loaded.signatures["serving_default"]
     (in_spec,) = fn.structured_input_signature[1].values()
     (out_spec,) = fn.structured_outputs.values()
@@ -285,27 +318,40 @@ def load_model_file(descriptor: Descriptor, model_path: Path, threads: int | Non
     input_name = next(iter(fn.structured_input_signature[1]))
 
     def infer(batch: np.ndarray) -> np.ndarray:
-        (out,) = fn(**{input_name: tf.convert_to_tensor(batch)}).values()
+        with tf.device(plan.tf_device):
+            (out,) = fn(**{input_name: tf.convert_to_tensor(batch)}).values()
         return out.numpy()
 
-    return LoadedBundle(descriptor, infer)
+    return LoadedBundle(descriptor, infer, plan.label)
 
 
-def load(bundle_dir: Path) -> LoadedBundle:
+def load(bundle_dir: Path, device: InferenceDevice = "auto") -> LoadedBundle:
+    """Load a bundle directory in this process (outside Spark: no GPU assignment to honour)."""
     descriptor = read_descriptor(bundle_dir)
-    return load_model_file(descriptor, resolve_model_path(descriptor, bundle_dir))
+    return load_model_file(descriptor, resolve_model_path(descriptor, bundle_dir), device=device)
 
 
-_worker_cache: dict[str, LoadedBundle] = {}
+_worker_cache: dict[tuple[str, str], LoadedBundle] = {}
 _worker_lock = threading.Lock()
 
 
-def load_archive(archive: BundleArchive, threads: int | None = None) -> LoadedBundle:
-    """The archive's model, loaded once per process and kept (Spark reuses Python workers across batches)."""
+def load_archive(archive: BundleArchive, threads: int | None = None, device: InferenceDevice = "auto") -> LoadedBundle:
+    """The archive's model, loaded once per process and kept (Spark reuses Python workers across batches).
+
+    In a Spark task that was assigned GPUs, the process is first limited to those (before TensorFlow starts),
+    and the model stays on the first of them for the life of the worker; on "cpu" it sees no GPU at all.
+    """
     with _worker_lock:
-        cached = _worker_cache.get(archive.digest)
+        cached = _worker_cache.get((archive.digest, device))
         if cached is not None:
             return cached
+        spark_gpus = task_gpu_addresses()
+        if device == "cpu" and spark_gpus:
+            log.warning(
+                "Spark assigned GPU %s to this task but CXR_INFERENCE_DEVICE=cpu: scoring on the CPU",
+                ",".join(spark_gpus),
+            )
+        restrict_visible_gpus(device, spark_gpus)
         # Kept for the life of the worker: a SavedModel may read its assets lazily.
         tmp = tempfile.mkdtemp(prefix=f"cxr-bundle-{archive.digest}-")
         target = Path(tmp) / archive.model_filename
@@ -314,9 +360,17 @@ def load_archive(archive: BundleArchive, threads: int | None = None) -> LoadedBu
                 tar.extractall(tmp, filter="data")
         else:
             target.write_bytes(archive.model_bytes)
-        loaded = load_model_file(archive.descriptor, target, threads)
+        try:
+            loaded = load_model_file(archive.descriptor, target, threads, device, spark_gpus)
+        except BaseException:  # a worker that fails (no GPU, a bad model) may be retried: leave no copy behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         log.info(
-            "loaded model bundle %s %s in worker %d", loaded.descriptor.name, loaded.descriptor.version, os.getpid()
+            "loaded model bundle %s %s in worker %d on %s",
+            loaded.descriptor.name,
+            loaded.descriptor.version,
+            os.getpid(),
+            loaded.device,
         )
-        _worker_cache[archive.digest] = loaded
+        _worker_cache[archive.digest, device] = loaded
         return loaded

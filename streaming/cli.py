@@ -3,7 +3,7 @@
 Exit codes, chosen for a supervisor (a Kubernetes restart policy, systemd): 0 stopped on request; 1 failed at
 run time (the broker away too long, a checkpoint write that failed, a crash): restarting resumes from the
 checkpoint; 2 a configuration the operator must fix (bad settings or flags, a model bundle that does not load,
-a checkpoint location that cannot be written); restarting alone will not help.
+a checkpoint location that cannot be written, a GPU configured but not found); restarting alone will not help.
 """
 
 from __future__ import annotations
@@ -97,14 +97,14 @@ stop = StopSignal()
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from streaming.broker import EmbeddedBroker
+    from streaming.broker import EmbeddedBroker, default_partitions
 
     settings = load_settings(args)
     topics = [settings.input_topic, settings.results_topic, settings.dead_letter_topic]
     broker = EmbeddedBroker(settings.jvm_lib_dir, port=args.port or None, workdir=args.data_dir)
     try:
         broker.start()
-        broker.create_topics(topics, partitions=args.partitions)
+        broker.create_topics(topics, partitions=args.partitions or default_partitions())
         print(broker.bootstrap_servers, flush=True)
         log.info(
             "Kafka %s ready; topics: %s; data in %s. Ctrl-C stops it.",
@@ -182,6 +182,30 @@ def cmd_produce_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_produce_load(args: argparse.Namespace) -> int:
+    from producers.load import LoadGenerator, cycle, image_templates
+    from producers.publish import ReferencePublisher
+    from streaming.settings import sample_images_dir
+
+    settings = load_settings(args)
+    templates = image_templates(Path(args.images) if args.images else sample_images_dir())
+    with ReferencePublisher.for_settings(settings) as publisher:
+        generator = LoadGenerator(publisher, args.rate, args.duration)
+        log.info(
+            "sending %s reference(s) at %g/s to %s, cycling %d image(s)",
+            args.count if args.count is not None else "timed",
+            args.rate,
+            settings.input_topic,
+            len(templates),
+        )
+        try:
+            generator.run(cycle(templates, args.count), stop=stop.is_set)
+        except KeyboardInterrupt:
+            log.info("stopped")
+    log.info("published %d reference(s) to %s", generator.sent, settings.input_topic)
+    return 0
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from streaming.batch import run_batch
     from streaming.spark import get_session
@@ -245,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the broker's data here; started again on it, the broker resumes with its topics, messages and "
         "ports (default: a temporary folder, removed on exit)",
     )
-    broker.add_argument("--partitions", type=int, default=1, help="partitions of the topics it creates")
+    broker.add_argument(
+        "--partitions", type=int, help="partitions of the topics it creates (default: one per core of this machine)"
+    )
     broker.set_defaults(func=cmd_broker)
 
     produce = sub.add_parser("produce", help="publish references to the input topic")
@@ -265,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     folder.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
     folder.set_defaults(func=cmd_produce_folder)
+
+    load = feeds.add_parser("load", help="a load generator: references to sample images at a steady rate")
+    _common(load)
+    _kafka(load)
+    load.add_argument("--rate", type=float, default=10.0, help="references per second (default 10)")
+    load.add_argument("--duration", type=float, help="stop after this many seconds")
+    load.add_argument("--count", type=int, help="stop after this many references")
+    load.add_argument("--images", help="folder of images to cycle through (default: the sixteen sample X-rays)")
+    load.set_defaults(func=cmd_produce_load)
     return parser
 
 
@@ -277,11 +312,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from producers.state import StateError
     from streaming.bundle import BundleError
     from streaming.checkpoint import CheckpointError
+    from streaming.device import DeviceError
     from streaming.jvm import JvmSetupError
 
     try:
         return int(args.func(args))
-    except (ValidationError, FileNotFoundError, BundleError, CheckpointError, JvmSetupError, StateError) as exc:
+    except (
+        ValidationError,
+        FileNotFoundError,
+        BundleError,
+        CheckpointError,
+        DeviceError,
+        JvmSetupError,
+        StateError,
+    ) as exc:
         log.debug("configuration error", exc_info=True)
         log.error("%s: %s", type(exc).__name__, exc)
         return EXIT_CONFIG

@@ -25,7 +25,7 @@ from rich.text import Text
 
 from producers.folder import references, scan
 from producers.publish import ReferencePublisher
-from streaming.broker import EmbeddedBroker, port_is_free
+from streaming.broker import EmbeddedBroker, default_partitions, port_is_free
 from streaming.metrics import MetricsServer
 from streaming.settings import Settings, sample_images_dir
 from streaming.triage import finding_strength, worklist_key
@@ -81,7 +81,9 @@ def run_demo(
     try:
         with console.status("starting the Kafka broker…"):
             broker.start()
-            broker.create_topics([base.input_topic, base.results_topic, base.dead_letter_topic])
+            broker.create_topics(
+                [base.input_topic, base.results_topic, base.dead_letter_topic], partitions=default_partitions()
+            )
         console.print(f"[bold]Kafka[/] broker at {broker.bootstrap_servers} (embedded, KRaft)")
         roots = ",".join(str(p) for p in {*base.allowed_roots, samples.resolve()})
         settings = load_settings(

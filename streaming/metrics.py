@@ -171,6 +171,12 @@ class JobMetrics:
             "cxr_kafka_offsets_behind_latest", "Input offsets not yet processed, summed over partitions", registry=r
         )
         self.model_info = Gauge("cxr_model_info", "The model bundle being served", ["name", "version"], registry=r)
+        self.device_info = Gauge(
+            "cxr_inference_device_info",
+            'Devices the Python workers predict on, as they reported at warm-up: "cpu" or "gpu:<address>"',
+            ["device"],
+            registry=r,
+        )
         self.stuck_threads = Gauge(
             "cxr_stuck_decode_threads",
             "Fetch/decode threads abandoned past their deadline and still running (most in one Python worker, "
@@ -185,6 +191,12 @@ class JobMetrics:
     def set_model(self, name: str, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(name, version).set(1)
+
+    def set_device(self, devices: Iterable[str]) -> None:
+        """The inference devices in use (one series each, value 1), replacing any reported before."""
+        self.device_info.clear()
+        for device in devices:
+            self.device_info.labels(device).set(1)
 
     def record_progress(self, progress: Mapping[str, Any]) -> None:
         """Fold one `StreamingQueryProgress` (as its JSON dict) into the metrics."""

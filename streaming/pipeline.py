@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ from streaming.fetch import FetchPolicy
 from streaming.metrics import JobMetrics, QueryHealth, observed_columns
 from streaming.scoring import RawMessage, ScoringConfig, crashed_outcome
 from streaming.spark import V1_SOURCES, kafka_writes_observable
-from streaming.udf import score_column, warm_up
+from streaming.udf import scoring_udf, warm_up
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -71,6 +72,7 @@ def scoring_config(settings: Settings, threads: int | None = None) -> ScoringCon
         inference_batch_size=settings.inference_batch_size,
         decode_threads=settings.decode_threads,
         inference_threads=threads,
+        inference_device=settings.inference_device,
         results_topic=settings.results_topic,
         dead_letter_topic=settings.dead_letter_topic,
         deadline_s=settings.reference_deadline_s,
@@ -78,6 +80,26 @@ def scoring_config(settings: Settings, threads: int | None = None) -> ScoringCon
         dead_letter_payload_max_bytes=settings.dead_letter_payload_max_bytes,
         fault_injection=settings.fault_injection,
     )
+
+
+def kafka_source(spark: SparkSession, settings: Settings) -> DataFrame:
+    """The input topic as a streaming DataFrame, read the way every cxr-stream query reads it."""
+    source = spark.readStream.format("kafka").options(**settings.spark_kafka_options())
+    source = source.option("subscribe", settings.input_topic).option("startingOffsets", settings.starting_offsets)
+    source = source.option("failOnDataLoss", str(settings.fail_on_data_loss).lower())
+    if settings.max_offsets_per_trigger:
+        source = source.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
+    tasks = min_partitions(settings, spark)
+    if tasks:
+        source = source.option("minPartitions", str(tasks))
+    return source.load()
+
+
+def min_partitions(settings: Settings, spark: SparkSession) -> int | None:
+    """Tasks per micro-batch: configured, else the cluster's cores (Spark's default parallelism)."""
+    if settings.min_partitions is not None:
+        return settings.min_partitions or None
+    return spark.sparkContext.defaultParallelism
 
 
 def kafka_record() -> Column:
@@ -91,9 +113,9 @@ def kafka_record() -> Column:
     )
 
 
-def scored(df: DataFrame, archive: Broadcast[bundles.BundleArchive], config: ScoringConfig) -> DataFrame:
-    """Kafka rows → outcome rows (topic, key, value and the metric columns)."""
-    return df.select(score_column(archive, config, kafka_record()).alias("o")).select("o.*")
+def scored(df: DataFrame, score: Callable[[Column], Column]) -> DataFrame:
+    """Kafka rows → outcome rows (topic, key, value and the metric columns), through `udf.scoring_udf`."""
+    return df.select(score(kafka_record()).alias("o")).select("o.*")
 
 
 KAFKA_COLUMNS = ("value", "topic", "partition", "offset", "timestamp")
@@ -123,6 +145,11 @@ class BatchWriter:
     kafka_options: dict[str, str]
     metrics: JobMetrics
 
+    def __post_init__(self) -> None:
+        # Built once: per micro-batch they would cost a pickling and a round of py4j calls each time.
+        self._score = scoring_udf(self.archive, self.config)
+        self._observed = observed_columns()
+
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         try:
             self.write(batch)
@@ -135,7 +162,7 @@ class BatchWriter:
     def write(self, batch: DataFrame) -> None:
         """Score and write; the batch's figures count only once its write succeeded."""
         observation = Observation("cxr-batch")  # not the name record_progress reads: never counted twice
-        outcomes = scored(batch, self.archive, self.config).observe(observation, *observed_columns())
+        outcomes = scored(batch, self._score).observe(observation, *self._observed)
         outcomes.select("topic", "key", "value").write.format("kafka").mode("append").options(
             **self.kafka_options
         ).save()
@@ -241,21 +268,17 @@ class ScoringJob:
         broadcast = spark.sparkContext.broadcast(archive)
         config = scoring_config(s, inference_threads(s, spark))
         if s.warmup:
-            workers = warm_up(spark, broadcast, config)
-            log.info("model %s %s warm in %d Python worker(s)", descriptor.name, descriptor.version, workers)
+            warm = warm_up(spark, broadcast, config)
+            log.info("model %s %s warm in %s", descriptor.name, descriptor.version, warm)
+            self.metrics.set_device(warm.devices)
 
-        source = spark.readStream.format("kafka").options(**s.spark_kafka_options())
-        source = source.option("subscribe", s.input_topic).option("startingOffsets", s.starting_offsets)
-        source = source.option("failOnDataLoss", str(s.fail_on_data_loss).lower())
-        if s.max_offsets_per_trigger:
-            source = source.option("maxOffsetsPerTrigger", str(s.max_offsets_per_trigger))
         writer = BatchWriter(spark, broadcast, config, s.spark_kafka_options(), self.metrics)
 
         self._listener = _Listener(self.metrics, self.health)
         spark.streams.addListener(self._listener)
         Path(s.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         self.query = (
-            source.load()
+            kafka_source(spark, s)
             .writeStream.foreachBatch(writer)
             .option("checkpointLocation", str(s.checkpoint_dir))
             .queryName(QUERY_NAME)

@@ -30,6 +30,7 @@ from streaming.contracts import (
 )
 from streaming.deadlines import DeadlinePool, Job
 from streaming.decode import DecodeLimits, decode_image
+from streaming.device import InferenceDevice
 from streaming.errors import CxrError, DecodeError, ErrorCode, FetchError, ScoreError, Stage
 from streaming.fetch import FetchPolicy, fetch
 from streaming.preprocess import draft_size_for, to_model_input
@@ -46,6 +47,8 @@ class ScoringConfig:
     decode_threads: int = 4
     #: TensorFlow intra-op threads per Python worker; None lets TensorFlow use every core.
     inference_threads: int | None = None
+    #: "auto", "cpu" or "gpu": where each Python worker places the model (see `streaming/device.py`)
+    inference_device: InferenceDevice = "auto"
     results_topic: str = "cxr.results"
     dead_letter_topic: str = "cxr.dead-letter"
     #: fetch + decode of one reference, from when a thread starts on it
@@ -216,14 +219,12 @@ def score_messages(
     return [replace(outcomes.get(id(row)) or _dead_letter(row, config, scored_at), stuck_threads=stuck) for row in rows]
 
 
-def _result(
-    row: _Row, probs: np.ndarray, descriptor: Descriptor, config: ScoringConfig, scored_at: datetime, inference_s: float
-) -> Outcome:
-    ref = row.ref
-    assert ref is not None
+def result_body(
+    ref: Reference, probs: np.ndarray, descriptor: Descriptor, sent_at: datetime, scored_at: datetime
+) -> dict[str, object]:
+    """The `cxr.result/v1` body for one scored reference: scores by label, top finding and triage priority."""
     scores = {label: float(p) for label, p in zip(descriptor.labels, probs, strict=True)}
-    sent_at = parse_timestamp(ref.sent_at) if ref.sent_at else (row.message.timestamp or scored_at)
-    body = build_result(
+    return build_result(
         ref,
         model=descriptor.identity,
         scores=scores,
@@ -232,6 +233,15 @@ def _result(
         sent_at=sent_at,
         scored_at=scored_at,
     )
+
+
+def _result(
+    row: _Row, probs: np.ndarray, descriptor: Descriptor, config: ScoringConfig, scored_at: datetime, inference_s: float
+) -> Outcome:
+    ref = row.ref
+    assert ref is not None
+    sent_at = parse_timestamp(ref.sent_at) if ref.sent_at else (row.message.timestamp or scored_at)
+    body = result_body(ref, probs, descriptor, sent_at, scored_at)
     return Outcome(
         topic=config.results_topic,
         key=ref.key,

@@ -28,6 +28,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from streaming.device import InferenceDevice
 from streaming.jvm import DEFAULT_LIB_DIR
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -157,8 +158,13 @@ class Settings(BaseSettings):
     checkpoint_dir: Path = Path(".cxr/checkpoints/scoring")
     starting_offsets: str = "earliest"
     max_offsets_per_trigger: int | None = Field(default=512, gt=0)
+    #: Spark tasks per micro-batch at least (the Kafka source splits partitions to reach it): unset, one per
+    #: core of the cluster, so every core scores whatever the topic's partition count; 0: one per partition.
+    min_partitions: int | None = Field(default=None, ge=0)
     fail_on_data_loss: bool = True
-    trigger_interval: str = "1 second"
+    #: How often an idle query looks for new references. Under load micro-batches run back to back whatever
+    #: this is; idle, it bounds the wait before a new reference is picked up (0 would ask Kafka every 10 ms).
+    trigger_interval: str = "250 milliseconds"
 
     # Scoring on the executors
     inference_batch_size: int = Field(default=16, gt=0)
@@ -166,6 +172,10 @@ class Settings(BaseSettings):
     decode_threads: int = Field(default=4, gt=0)
     #: TensorFlow intra-op threads per Python worker; unset: the cores per concurrent task; 0: TensorFlow's own.
     inference_threads: int | None = Field(default=None, ge=0)
+    #: Where the model runs: "auto" (the GPU Spark assigned to the task, or a visible one; else the CPU), "cpu",
+    #: or "gpu" (fail at start-up when there is none). A GPU assigned or asked for but missing is never silently
+    #: replaced by the CPU (see `streaming/device.py`).
+    inference_device: InferenceDevice = "auto"
     warmup: bool = True
 
     # Spark

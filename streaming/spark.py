@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pyspark
 
+from streaming.cores import available_cores
 from streaming.jvm import JvmSetupError, jars
 
 LOG4J2_CONFIG = Path(__file__).parent / "resources" / "log4j2.properties"
@@ -47,7 +48,7 @@ def local_slots(master: str) -> int | None:
     if match is None:
         return None
     slots = match.group(1)
-    return os.cpu_count() or 1 if slots == "*" else int(slots or 1)
+    return available_cores() if slots == "*" else int(slots or 1)
 
 
 def worker_threads(settings: Settings, master: str | None) -> int | None:
@@ -56,7 +57,7 @@ def worker_threads(settings: Settings, master: str | None) -> int | None:
     if settings.inference_threads is not None:
         return settings.inference_threads or None
     slots = local_slots(master) if master else None
-    return max(1, (os.cpu_count() or 1) // slots) if slots else None
+    return max(1, available_cores() // slots) if slots else None
 
 
 def base_conf(settings: Settings, master: str | None = "local[*]") -> dict[str, str]:

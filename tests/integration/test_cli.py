@@ -127,6 +127,26 @@ def test_run_exits_non_zero_when_the_query_fails(kafka_broker, topics, produce, 
     assert "the scoring query failed" in output
 
 
+def test_run_with_a_gpu_configured_but_not_found_exits_2_at_warm_up(tmp_path):
+    """No silent CPU fallback: the workers find no GPU while warming up, before any stream (or broker) is touched."""
+    env = {
+        "CXR_INFERENCE_DEVICE": "gpu",
+        "CXR_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # never contacted
+        "CXR_CHECKPOINT_DIR": str(tmp_path / "checkpoint"),
+        "CXR_METRICS_PORT": str(free_port()),
+        "CXR_SPARK_MASTER": "local[1]",
+        "CXR_SPARK_DRIVER_MEMORY": "1g",
+    }
+    proc = cxr("run", env=env)
+    try:
+        output = proc.communicate(timeout=240)[0]  # bounded: it fails during warm-up, well within this
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, output[-3000:]
+    assert "DeviceError: no GPU found" in output
+    assert "spark.task.resource.gpu.amount" in output
+
+
 def test_demo_scores_the_sixteen_samples_and_exits_when_done(tmp_path):
     env = {"CXR_METRICS_PORT": "0", "CXR_SPARK_DRIVER_MEMORY": "1g", "COLUMNS": "120"}
     proc = cxr("demo", "--exit-when-done", "--timeout", "300", env=env, cwd=tmp_path)

@@ -213,6 +213,17 @@ def test_model_info_shows_only_the_current_model() -> None:
     assert ("cxr_model_info", (("name", "old"), ("version", "1"))) not in samples
 
 
+def test_device_info_shows_the_devices_in_use_and_only_those() -> None:
+    metrics = JobMetrics()
+    assert not [key for key in scrape(metrics) if key[0] == "cxr_inference_device_info"]  # none before warm-up
+    metrics.set_device(["cpu"])
+    metrics.set_device(["gpu:0", "gpu:1"])
+    samples = scrape(metrics)
+    assert value(samples, "cxr_inference_device_info", device="gpu:0") == 1
+    assert value(samples, "cxr_inference_device_info", device="gpu:1") == 1
+    assert ("cxr_inference_device_info", (("device", "cpu"),)) not in samples
+
+
 def test_registries_are_independent() -> None:
     first, second = JobMetrics(), JobMetrics()
     first.record_progress(progress(observed_row()))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from streaming import spark as spark_conf
+from streaming.cores import available_cores
 from streaming.jvm import JvmSetupError
 from streaming.settings import Settings
 from streaming.spark import base_conf, connector_jars, local_slots, worker_threads
@@ -17,7 +19,7 @@ from streaming.spark import base_conf, connector_jars, local_slots, worker_threa
     [
         ("local", 1),
         ("local[3]", 3),
-        ("local[*]", os.cpu_count()),
+        ("local[*]", available_cores()),
         ("local[2,4]", 2),
         ("k8s://https://api:443", None),
         ("spark://host:7077", None),
@@ -29,7 +31,7 @@ def test_local_slots(master: str, slots: int | None) -> None:
 
 
 def test_worker_threads_share_the_machine_among_local_slots(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(spark_conf, "available_cores", lambda: 8)
     settings = Settings.load()
     assert worker_threads(settings, "local[2]") == 4
     assert worker_threads(settings, "local[*]") == 1
@@ -40,7 +42,7 @@ def test_worker_threads_share_the_machine_among_local_slots(monkeypatch: pytest.
 
 
 def test_base_conf_attaches_the_connector_and_sets_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(spark_conf, "available_cores", lambda: 4)
     conf = base_conf(Settings.load(spark_conf={"spark.ui.port": "4050"}), "local[2]")
     jars = conf["spark.jars"].split(",")
     assert any(Path(j).name.startswith("spark-sql-kafka-0-10_2.13-") for j in jars)
@@ -51,6 +53,10 @@ def test_base_conf_attaches_the_connector_and_sets_worker_threads(monkeypatch: p
     assert conf["spark.sql.streaming.metricsEnabled"] == "true"
     assert conf["spark.ui.port"] == "4050"  # extra settings pass through
     assert "spark.jars.packages" not in conf  # nothing is resolved at job start
+
+
+def test_available_cores_follow_the_affinity_mask_not_the_machine() -> None:
+    assert available_cores() == len(os.sched_getaffinity(0)) <= (os.cpu_count() or 1)
 
 
 def test_connector_version_must_match_pyspark(tmp_path: Path) -> None:

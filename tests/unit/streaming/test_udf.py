@@ -25,3 +25,12 @@ def test_values_reach_the_scorer_as_they_came() -> None:
     )
     values = [m.value for m in _messages(frame)]
     assert values == [b"\xff\xfe\x00\x81text", b"{}", None, "a batch line"]
+
+
+def test_warm_up_counts_distinct_workers_and_lists_their_devices() -> None:
+    from streaming.udf import WarmUp
+
+    reports = ["exec-1 101 gpu:0", "exec-1 101 gpu:0", "exec-1 102 gpu:0", "exec-2 101 gpu:1", "driver 7 cpu"]
+    assert WarmUp.from_reports(reports) == WarmUp(workers=4, devices=("cpu", "gpu:0", "gpu:1"))
+    assert WarmUp.from_reports([]) == WarmUp(workers=0, devices=())
+    assert str(WarmUp(2, ("gpu:0", "gpu:1"))) == "2 Python worker(s) on gpu:0, gpu:1"
