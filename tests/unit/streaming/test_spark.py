@@ -66,3 +66,10 @@ def test_connector_version_must_match_pyspark(tmp_path: Path) -> None:
         connector_jars(tmp_path)
     with pytest.raises(JvmSetupError, match="make install"):
         connector_jars(tmp_path / "missing")
+
+
+def test_a_local_driver_jvm_skips_the_c2_compiler_and_a_cluster_keeps_it() -> None:
+    local = base_conf(Settings.load(), "local[2]")["spark.driver.extraJavaOptions"]
+    cluster = base_conf(Settings.load(), "spark://master:7077")["spark.driver.extraJavaOptions"]
+    assert "-XX:TieredStopAtLevel=1" in local and "-Dlog4j2.configurationFile=" in local
+    assert "TieredStopAtLevel" not in cluster and "-Dlog4j2.configurationFile=" in cluster
