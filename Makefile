@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL_PACKAGE := pneumonia-model-package==0.3.0
 
-.PHONY: install demo test test-unit test-faults fuzz-long lint bench clean
+.PHONY: install demo test test-unit test-faults fuzz-long lint bench bench-isolation clean
 
 install: $(VENV)/.installed jvm/lib/.resolved
 
@@ -46,8 +46,11 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# cxr-stream against its peers, side by side (about 40 minutes on 2 cores); writes bench/results/.
 bench: install
-	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.compare
+
+bench-isolation: install
 	$(BIN)/python -m bench.isolation
 
 clean:

@@ -26,7 +26,7 @@ from probes import read_records
 from producers.folder import FolderCursorStore, event_id_for, signature_of
 from producers.publish import ReferencePublisher
 from streaming.broker import EmbeddedBroker
-from streaming.contracts import Reference
+from streaming.contracts import Reference, parse_timestamp
 from streaming.jvm import DEFAULT_LIB_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -226,3 +226,24 @@ def test_a_publisher_delivers_every_reference_across_a_broker_outage(tmp_path: P
         assert sorted(json.loads(r.value)["event_id"] for r in records) == [r.event_id for r in refs]  # once each
     finally:
         broker.stop()
+
+
+def test_the_load_generator_sends_the_count_at_the_rate_each_stamped(
+    kafka_broker: Any, topics: dict[str, str], tmp_path: Path, sample_jpegs: list[Path]
+) -> None:
+    env = feed_env(kafka_broker, topics, tmp_path / "state")
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "streaming.cli", "produce", "load", "--rate", "40", "--count", "40"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    refs = announced(kafka_broker, topics["input_topic"], 40)
+    assert len(refs) == 40 and len({r["event_id"] for r in refs}) == 40
+    assert {name_of(r) for r in refs} == {p.name for p in sample_jpegs}  # the sixteen samples, cycled
+    sent = sorted(parse_timestamp(r["sent_at"]) for r in refs)
+    assert 0.8 <= (sent[-1] - sent[0]).total_seconds() <= 3.0  # 39 intervals of 25 ms, not all at once
+    assert time.monotonic() - started < 90
