@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import uuid
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.harness import Feeder, PeerProcess, ResultClock, RssSampler, percentiles, python
+from bench.harness import Feeder, PeerProcess, ResultClock, RssSampler, percentiles
 from bench.models import MODELS, bundle_dir
 from producers.load import image_templates
 from producers.publish import ReferencePublisher
@@ -50,11 +51,11 @@ LOADS = (0.5, 0.9)
 def peer_command(peer: str, bundle: Path) -> tuple[list[str], str]:
     """argv and the output line that says the peer is up."""
     if peer == "cxr-stream":
-        return [python(), "-m", "streaming.cli", "run"], "scoring "
+        return [sys.executable, "-m", "streaming.cli", "run"], "scoring "
     if peer == "kafka-consumer":
-        return [python(), "-m", "bench.consumer_peer", str(bundle)], "ready"
+        return [sys.executable, "-m", "bench.consumer_peer", str(bundle)], "ready"
     variant = peer.removeprefix("spark-")
-    return [python(), "-m", "bench.spark_peers", variant, str(bundle)], "ready"
+    return [sys.executable, "-m", "bench.spark_peers", variant, str(bundle)], "ready"
 
 
 class Bench:
@@ -148,7 +149,7 @@ class Bench:
         return figures
 
     def plain_loop(self, model: str, bundle: Path, single_thread: bool = False) -> dict[str, Any]:
-        argv = [python(), "-m", "bench.plain_loop", str(bundle), "--seconds", str(self.args.plain_s)]
+        argv = [sys.executable, "-m", "bench.plain_loop", str(bundle), "--seconds", str(self.args.plain_s)]
         if single_thread:
             argv.append("--single-thread")
         log_file = self.workdir / f"plain-loop.{model}.{'single' if single_thread else 'all'}.log"

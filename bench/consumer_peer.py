@@ -18,7 +18,7 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 
 from streaming.bundle import load
-from streaming.contracts import dumps, now_utc, parse_reference, parse_timestamp
+from streaming.contracts import dumps, now_utc, parse_reference
 from streaming.errors import CxrError
 from streaming.pipeline import scoring_config
 from streaming.scoring import prepare, result_body
@@ -70,8 +70,7 @@ def main() -> None:
             probabilities = bundle.predict(np.stack(inputs), args.batch)
             scored_at = now_utc()
             for ref, probs in zip(refs, probabilities, strict=True):
-                sent_at = parse_timestamp(ref.sent_at) if ref.sent_at else scored_at
-                body = result_body(ref, probs, descriptor, sent_at, scored_at)
+                body = result_body(ref, probs, descriptor, scored_at)
                 producer.send(settings.results_topic, key=ref.key.encode(), value=dumps(body).encode())
         producer.flush()
         consumer.commit()

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -207,7 +206,3 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
         "p99": float(np.percentile(arr, 99)),
         "max": float(arr.max()),
     }
-
-
-def python() -> str:
-    return sys.executable

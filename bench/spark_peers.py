@@ -22,7 +22,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql.functions import pandas_udf
 
 from streaming.bundle import load, load_model_file, read_descriptor, resolve_model_path
-from streaming.contracts import dumps, now_utc, parse_reference, parse_timestamp
+from streaming.contracts import dumps, now_utc, parse_reference
 from streaming.pipeline import kafka_record, kafka_source, scoring_config
 from streaming.scoring import prepare, result_body, score_messages
 from streaming.settings import Settings
@@ -85,8 +85,7 @@ def main() -> None:
             bodies = []
             for value, probs in zip(values, probabilities, strict=True):
                 ref = parse_reference(value)
-                sent_at = parse_timestamp(ref.sent_at) if ref.sent_at else scored_at
-                bodies.append(dumps(result_body(ref, np.asarray(probs), descriptor, sent_at, scored_at)))
+                bodies.append(dumps(result_body(ref, np.asarray(probs), descriptor, scored_at)))
             return pd.Series(bodies)
 
         scored = source.select("value").withColumn("p", classify(decode("value")))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -220,10 +221,13 @@ def score_messages(
 
 
 def result_body(
-    ref: Reference, probs: np.ndarray, descriptor: Descriptor, sent_at: datetime, scored_at: datetime
-) -> dict[str, object]:
-    """The `cxr.result/v1` body for one scored reference: scores by label, top finding and triage priority."""
+    ref: Reference, probs: np.ndarray, descriptor: Descriptor, scored_at: datetime, received_at: datetime | None = None
+) -> dict[str, Any]:
+    """The `cxr.result/v1` body for one scored reference: scores by label, top finding and triage priority.
+
+    Latency counts from the reference's `sent_at`, else from when it was received (the Kafka timestamp)."""
     scores = {label: float(p) for label, p in zip(descriptor.labels, probs, strict=True)}
+    sent_at = parse_timestamp(ref.sent_at) if ref.sent_at else (received_at or scored_at)
     return build_result(
         ref,
         model=descriptor.identity,
@@ -240,14 +244,13 @@ def _result(
 ) -> Outcome:
     ref = row.ref
     assert ref is not None
-    sent_at = parse_timestamp(ref.sent_at) if ref.sent_at else (row.message.timestamp or scored_at)
-    body = result_body(ref, probs, descriptor, sent_at, scored_at)
+    body = result_body(ref, probs, descriptor, scored_at, row.message.timestamp)
     return Outcome(
         topic=config.results_topic,
         key=ref.key,
         value=dumps(body),
         scored=True,
-        latency_s=max(0.0, (scored_at - sent_at).total_seconds()),
+        latency_s=max(0.0, body["latency_ms"] / 1000.0),
         inference_s=inference_s,
         preprocess_s=row.prep_s,
     )
