@@ -206,6 +206,56 @@ def cmd_produce_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_produce_orthanc(args: argparse.Namespace) -> int:
+    from producers.orthanc import follow
+
+    settings = load_settings(args)
+    count = follow(settings, args.url, begin=args.begin, stop=stop.is_set)
+    log.info("published %d reference(s) to %s", count, settings.input_topic)
+    return 0
+
+
+def cmd_produce_dicomweb(args: argparse.Namespace) -> int:
+    from producers.dicomweb import follow
+
+    settings = load_settings(args)
+    count = follow(settings, args.url, begin=args.begin, stop=stop.is_set)
+    log.info("published %d reference(s) to %s", count, settings.input_topic)
+    return 0
+
+
+def cmd_produce_scp(args: argparse.Namespace) -> int:
+    from producers.scp import serve
+
+    settings = load_settings(args, scp_port=args.port, scp_ae_title=args.ae_title, scp_storage=args.storage)
+    count = serve(settings, stop=stop.is_set)
+    log.info("published %d reference(s) to %s", count, settings.input_topic)
+    return 0
+
+
+def _pacs_feed(feeds: Any, name: str, help_text: str, url_help: str, func: Any) -> None:
+    parser = feeds.add_parser(name, help=help_text)
+    _common(parser)
+    _kafka(parser)
+    parser.add_argument("url", help=url_help)
+    begin = parser.add_mutually_exclusive_group()
+    begin.add_argument(
+        "--from-start",
+        dest="begin",
+        action="store_const",
+        const="start",
+        help="a first run (no cursor yet) announces every chest X-ray the server holds",
+    )
+    begin.add_argument(
+        "--from-now",
+        dest="begin",
+        action="store_const",
+        const="now",
+        help="a first run announces only what arrives from now on (the default)",
+    )
+    parser.set_defaults(func=func, begin="now")
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from streaming.batch import run_batch
     from streaming.spark import get_session
@@ -300,6 +350,30 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--count", type=int, help="stop after this many references")
     load.add_argument("--images", help="folder of images to cycle through (default: the sixteen sample X-rays)")
     load.set_defaults(func=cmd_produce_load)
+
+    _pacs_feed(
+        feeds,
+        "orthanc",
+        "follow an Orthanc server's change feed; publish a DICOMweb reference per new chest X-ray",
+        "Orthanc's REST root, e.g. http://orthanc:8042 (credentials: CXR_DICOMWEB_USERNAME/_PASSWORD or _TOKEN)",
+        cmd_produce_orthanc,
+    )
+    _pacs_feed(
+        feeds,
+        "dicomweb",
+        "poll a DICOMweb server (QIDO-RS) for new chest X-rays; publish a DICOMweb reference for each",
+        "the DICOMweb service root, e.g. http://pacs:8080/dicom-web (credentials as for orthanc)",
+        cmd_produce_dicomweb,
+    )
+    scp = feeds.add_parser("scp", help="a DICOM C-STORE receiver: store what modalities send, publish references")
+    _common(scp)
+    _kafka(scp)
+    scp.add_argument("--port", type=int, help="TCP port to listen on (default 11112; CXR_SCP_PORT)")
+    scp.add_argument("--ae-title", help="this receiver's AE title (default CXR_STREAM; CXR_SCP_AE_TITLE)")
+    scp.add_argument(
+        "--storage", type=Path, help="folder for received instances, inside CXR_ALLOWED_ROOTS (CXR_SCP_STORAGE)"
+    )
+    scp.set_defaults(func=cmd_produce_scp)
     return parser
 
 

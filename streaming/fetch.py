@@ -107,6 +107,8 @@ class FetchPolicy:
     #: the most one DICOMweb request may take in all, whatever the deadline
     timeout_s: float = 30.0
     dicomweb_token: str | None = field(default=None, repr=False)
+    #: a whole `Authorization` header value (HTTP basic or bearer); wins over `dicomweb_token`
+    authorization: str | None = field(default=None, repr=False)
 
 
 def fetch(uri: str, policy: FetchPolicy, deadline: float | None = None) -> bytes:
@@ -622,7 +624,9 @@ def _exchange(sock: socket.socket, target: DicomwebTarget, policy: FetchPolicy, 
     connection = _PinnedConnection(target.host, target.port, sock)
     try:
         headers = {"Host": target.netloc, "Accept": _ACCEPT_DICOM}
-        if policy.dicomweb_token:
+        if policy.authorization:
+            headers["Authorization"] = policy.authorization
+        elif policy.dicomweb_token:
             headers["Authorization"] = f"Bearer {policy.dicomweb_token}"
         sock.settimeout(_time_left(end, "the DICOMweb request"))
         connection.request("GET", target.request_target, headers=headers)

@@ -66,7 +66,7 @@ def scoring_config(settings: Settings, threads: int | None = None) -> ScoringCon
             dicomweb_hosts=tuple(settings.dicomweb_allowed_hosts),
             max_bytes=settings.max_image_bytes,
             timeout_s=settings.fetch_timeout_s,
-            dicomweb_token=settings.dicomweb_token.get_secret_value() if settings.dicomweb_token else None,
+            authorization=settings.dicomweb_authorization(),
         ),
         limits=DecodeLimits(max_pixels=settings.max_image_pixels),
         inference_batch_size=settings.inference_batch_size,

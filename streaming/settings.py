@@ -11,6 +11,7 @@ Executors never read the environment: the driver builds the small frozen objects
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import os
 import re
@@ -139,7 +140,15 @@ class Settings(BaseSettings):
     model_bundle: Path = Field(default_factory=default_bundle_dir)
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=_default_allowed_roots)
     dicomweb_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Credentials for DICOMweb and the PACS feeds: a bearer token, or HTTP basic (username and password).
+    #: Secrets come from the environment or the config file, never from the command line.
     dicomweb_token: SecretStr | None = None
+    dicomweb_username: str | None = None
+    dicomweb_password: SecretStr | None = None
+    #: Transient DICOMweb failures (connection refused or reset, HTTP 429/502/503/504) are retried this many
+    #: times, with exponential backoff from `dicomweb_retry_backoff_s`, within the reference's deadline.
+    dicomweb_retries: int = Field(default=3, ge=0, le=10)
+    dicomweb_retry_backoff_s: float = Field(default=0.25, gt=0)
     max_image_bytes: int = Field(default=128 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=60_000_000, gt=0)
     fetch_timeout_s: float = Field(default=30.0, gt=0)
@@ -190,13 +199,47 @@ class Settings(BaseSettings):
 
     # Feeds and exporters: cursors and other durable state, one file or folder per feed and source
     state_dir: Path = Path(".cxr/state")
+    #: What the PACS feeds publish: instances of these modalities and storage classes (CR, DX for
+    #: presentation and for processing by default); anything else is skipped and counted.
+    chest_modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["CR", "DX"])
+    chest_sop_classes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+            "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+            "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+        ]
+    )
+    #: How long a caught-up feed sleeps before asking its PACS again, and how long one PACS request may take.
+    feed_poll_interval_s: float = Field(default=1.0, gt=0)
+    feed_request_timeout_s: float = Field(default=30.0, gt=0)
+    #: `cxr produce dicomweb`: each poll looks this far back before the newest instance it has seen (QIDO-RS
+    #: has no "received since" attribute), de-duplicating on SOP instance UID.
+    dicomweb_poll_overlap_s: float = Field(default=24 * 3600.0, gt=0)
+
+    # DICOM C-STORE receiver (`cxr produce scp`)
+    scp_ae_title: str = Field(default="CXR_STREAM", min_length=1, max_length=16)
+    scp_port: int = Field(default=11112, ge=1, le=65535)
+    scp_storage: Path = Path(".cxr/scp")
+    #: Who may send: `AET` or `AET@address`, comma-separated; empty refuses every caller.
+    scp_allowed_callers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: New associations are refused while the storage folder's file system has less free space than this.
+    scp_min_free_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)
+    #: Publish references for instances that are not chest X-rays too (they are always stored).
+    scp_publish_non_chest: bool = False
 
     # Observability
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     ready_stale_after_s: float = Field(default=120.0, gt=0)
 
-    @field_validator("allowed_roots", "dicomweb_allowed_hosts", mode="before")
+    @field_validator(
+        "allowed_roots",
+        "dicomweb_allowed_hosts",
+        "chest_modalities",
+        "chest_sop_classes",
+        "scp_allowed_callers",
+        mode="before",
+    )
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -255,6 +298,16 @@ class Settings(BaseSettings):
         if known is not None:
             conf = {k: v for k, v in conf.items() if k in known}
         return conf
+
+    def dicomweb_authorization(self) -> str | None:
+        """The HTTP `Authorization` value for DICOMweb and PACS requests: the bearer token, else HTTP basic."""
+        if self.dicomweb_token is not None:
+            return f"Bearer {self.dicomweb_token.get_secret_value()}"
+        if self.dicomweb_username is not None:
+            password = self.dicomweb_password.get_secret_value() if self.dicomweb_password else ""
+            pair = f"{self.dicomweb_username}:{password}".encode()
+            return f"Basic {base64.b64encode(pair).decode('ascii')}"
+        return None
 
     def spark_kafka_options(self) -> dict[str, str]:
         """Options for Spark's Kafka source and sink (`kafka.`-prefixed client settings)."""

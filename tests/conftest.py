@@ -104,3 +104,21 @@ def consume(kafka_broker: object) -> object:
         return read_records(kafka_broker.bootstrap_servers, topic_names, n, timeout_s)  # type: ignore[attr-defined]
 
     return read
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real Orthanc (with DICOMweb) on loopback ports, shared by the run; tests isolate by their own UIDs."""
+    from orthanc_server import OrthancServer
+
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def chest_dicoms(sample_jpegs: list[Path]) -> list[object]:
+    """The sixteen real X-rays as DX instances in several transfer syntaxes (see `orthanc_server`)."""
+    from orthanc_server import chest_xray_dicoms
+
+    return list(chest_xray_dicoms(sample_jpegs))
