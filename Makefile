@@ -6,9 +6,23 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL_PACKAGE := pneumonia-model-package==0.3.0
 
-.PHONY: install demo test test-unit test-faults fuzz-long lint bench bench-isolation clean
+.PHONY: install system-deps demo test test-unit test-faults fuzz-long lint bench bench-isolation clean
 
-install: $(VENV)/.installed jvm/lib/.resolved
+install: $(VENV)/.installed jvm/lib/.resolved system-deps
+
+# A real PACS for the PACS tests and `cxr demo --pacs`: Orthanc and its DICOMweb plugin, Debian's packages.
+# Installed when we can (root with apt-get, as in CI); elsewhere the line says what to install.
+ORTHANC_FILES := /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+system-deps:
+	@missing=0; for f in $(ORTHANC_FILES); do [ -e $$f ] || missing=1; done; \
+	if [ $$missing = 0 ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing orthanc and orthanc-dicomweb (Debian) for the PACS tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null; \
+	else \
+		echo "note: the PACS tests and cxr demo --pacs need Orthanc: sudo apt-get install orthanc orthanc-dicomweb"; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cxr-stream needs Python 3.11+")'

@@ -3,7 +3,8 @@
 Exit codes, chosen for a supervisor (a Kubernetes restart policy, systemd): 0 stopped on request; 1 failed at
 run time (the broker away too long, a checkpoint write that failed, a crash): restarting resumes from the
 checkpoint; 2 a configuration the operator must fix (bad settings or flags, a model bundle that does not load,
-a checkpoint location that cannot be written, a GPU configured but not found); restarting alone will not help.
+a checkpoint location that cannot be written, a GPU configured but not found, no Orthanc for the PACS demo);
+restarting alone will not help.
 """
 
 from __future__ import annotations
@@ -290,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     _job(demo)
     demo.add_argument("--exit-when-done", action="store_true", help="exit once every sample has its outcome")
     demo.add_argument("--timeout", type=float, default=600.0, help="with --exit-when-done: give up after N s")
+    demo.add_argument(
+        "--pacs",
+        action="store_true",
+        help="the hospital's path: samples stored in an embedded Orthanc, fetched over DICOMweb",
+    )
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="the streaming job against the configured Kafka")
@@ -387,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streaming.bundle import BundleError
     from streaming.checkpoint import CheckpointError
     from streaming.device import DeviceError
+    from streaming.embedded_pacs import PacsSetupError
     from streaming.jvm import JvmSetupError
 
     try:
@@ -398,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         DeviceError,
         JvmSetupError,
+        PacsSetupError,
         StateError,
     ) as exc:
         log.debug("configuration error", exc_info=True)

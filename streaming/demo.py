@@ -3,6 +3,9 @@
 Embedded Kafka broker → scoring job in Spark local mode → metrics endpoint; the sixteen sample chest X-rays
 that ship with the model package are published as references, and the worklist is shown live as results
 arrive, most urgent first.
+
+`cxr demo --pacs` takes the hospital's path instead: an embedded Orthanc receives the sixteen X-rays as DICOM
+instances, the Orthanc change-feed follower announces them, and the scorer fetches each over DICOMweb.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import json
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +30,7 @@ from rich.text import Text
 from producers.folder import references, scan
 from producers.publish import ReferencePublisher
 from streaming.broker import EmbeddedBroker, default_partitions, port_is_free
+from streaming.embedded_pacs import EmbeddedOrthanc, sample_instance
 from streaming.metrics import MetricsServer
 from streaming.settings import Settings, sample_images_dir
 from streaming.triage import finding_strength, worklist_key
@@ -76,6 +81,8 @@ def run_demo(
     samples = sample_images_dir()
     base = load_settings(args)
     broker = EmbeddedBroker(base.jvm_lib_dir, workdir=workdir / "kafka")
+    orthanc = EmbeddedOrthanc(workdir / "orthanc") if getattr(args, "pacs", False) else None
+    feed_stop = threading.Event()
     server: MetricsServer | None = None
     job = spark = None
     try:
@@ -85,6 +92,17 @@ def run_demo(
                 [base.input_topic, base.results_topic, base.dead_letter_topic], partitions=default_partitions()
             )
         console.print(f"[bold]Kafka[/] broker at {broker.bootstrap_servers} (embedded, KRaft)")
+        pacs: dict[str, Any] = {}
+        if orthanc is not None:
+            with console.status("starting Orthanc…"):
+                orthanc.start()
+            console.print(f"[bold]Orthanc[/] PACS at {orthanc.url} (embedded; DICOMweb at {orthanc.dicomweb_root})")
+            pacs = {
+                "dicomweb_allowed_hosts": orthanc.host_port,
+                "dicomweb_username": orthanc.username,
+                "dicomweb_password": orthanc.password,
+                "state_dir": workdir / "state",
+            }
         roots = ",".join(str(p) for p in {*base.allowed_roots, samples.resolve()})
         settings = load_settings(
             args,
@@ -92,6 +110,7 @@ def run_demo(
             checkpoint_dir=workdir / "checkpoint",
             allowed_roots=roots,
             starting_offsets="earliest",
+            **pacs,
         )
 
         from streaming.pipeline import ScoringJob
@@ -108,14 +127,18 @@ def run_demo(
         console.print(f"[bold]Spark[/] {spark.version} local mode; model {model.name} {model.version} loaded")
         console.print(f"[bold]Metrics[/] http://127.0.0.1:{server.port}/metrics  (health: /healthz, /readyz)")
 
-        with ReferencePublisher.for_settings(settings) as publisher:
-            sent = publisher.send_all(references(scan(samples)))
-        console.print(f"published {sent} chest X-ray references to {settings.input_topic}")
+        if orthanc is not None:
+            sent = _through_orthanc(console, settings, orthanc, scan(samples), feed_stop)
+        else:
+            with ReferencePublisher.for_settings(settings) as publisher:
+                sent = publisher.send_all(references(scan(samples)))
+            console.print(f"published {sent} chest X-ray references to {settings.input_topic}")
         return _follow(console, settings, sent, args, model.normal_labels, should_stop)
     except KeyboardInterrupt:
         return 0
     finally:
         console.print()
+        feed_stop.set()
         with console.status("stopping…"):
             if job is not None:
                 job.stop()
@@ -123,8 +146,29 @@ def run_demo(
                 server.stop()
             if spark is not None:
                 spark.stop()
+            if orthanc is not None:
+                orthanc.stop()
             broker.stop()
         console.print("stopped cleanly")
+
+
+def _through_orthanc(
+    console: Console, settings: Settings, orthanc: EmbeddedOrthanc, images: list[Path], stop: threading.Event
+) -> int:
+    """Start the change-feed follower, then store the samples in Orthanc as DICOM; how many were stored."""
+    from producers.orthanc import follow
+
+    def feed() -> None:
+        try:
+            follow(settings, orthanc.url, begin="start", stop=stop.is_set)
+        except Exception:
+            log.exception("the Orthanc follower stopped")
+
+    threading.Thread(target=feed, name="cxr-orthanc-feed", daemon=True).start()
+    for index, path in enumerate(images):
+        orthanc.upload(sample_instance(path, index))
+    console.print(f"stored {len(images)} chest X-rays in Orthanc; its change feed announces them to Kafka")
+    return len(images)
 
 
 def _follow(

@@ -156,3 +156,15 @@ def test_demo_scores_the_sixteen_samples_and_exits_when_done(tmp_path):
     assert "STAT" in output and "ROUTINE" in output
     assert "/metrics" in output
     assert "stopped cleanly" in output
+
+
+def test_demo_through_an_embedded_orthanc_scores_the_sixteen_over_dicomweb(tmp_path):
+    """`cxr demo --pacs`: Orthanc stores the samples as DICOM, its change feed announces them, the scorer
+    fetches each over DICOMweb; a missing Orthanc would be exit 2, never a silent skip."""
+    env = {"CXR_METRICS_PORT": "0", "CXR_SPARK_DRIVER_MEMORY": "1g", "COLUMNS": "160"}
+    proc = cxr("demo", "--pacs", "--exit-when-done", "--timeout", "300", env=env, cwd=tmp_path)
+    output = proc.communicate(timeout=420)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "Orthanc" in output and "/dicom-web" in output
+    assert "16 scored, 0 dead-lettered, 16/16 done" in output
+    assert "stopped cleanly" in output
