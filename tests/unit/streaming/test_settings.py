@@ -273,3 +273,35 @@ def test_jks_stores_are_not_handed_to_kafka_python(monkeypatch: pytest.MonkeyPat
     s = Settings.load()
     assert "ssl_cafile" not in s.kafka_python_config()
     assert s.spark_kafka_options()["kafka.ssl.truststore.location"] == "/etc/kafka/truststore.jks"
+
+
+# ----------------------------------------------------------------------------------------------- PACS
+
+
+def test_pacs_credentials_become_one_authorization_header_and_stay_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.load().dicomweb_authorization() is None
+    monkeypatch.setenv("CXR_DICOMWEB_USERNAME", "cxr")
+    monkeypatch.setenv("CXR_DICOMWEB_PASSWORD", "pacs-s3cret")
+    s = Settings.load()
+    assert s.dicomweb_authorization() == "Basic Y3hyOnBhY3MtczNjcmV0"  # base64("cxr:pacs-s3cret")
+    assert "pacs-s3cret" not in repr(s) and "pacs-s3cret" not in s.model_dump_json()
+    # A bearer token wins over HTTP basic (a cloud healthcare API behind an identity proxy).
+    monkeypatch.setenv("CXR_DICOMWEB_TOKEN", "tok")
+    assert Settings.load().dicomweb_authorization() == "Bearer tok"
+
+
+def test_pacs_lists_are_comma_separated_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings.load()
+    assert s.chest_modalities == ["CR", "DX"]
+    assert "1.2.840.10008.5.1.4.1.1.1.1" in s.chest_sop_classes
+    assert s.scp_allowed_callers == []  # nobody may send until the site says who
+    monkeypatch.setenv("CXR_SCP_ALLOWED_CALLERS", "MODALITY@10.0.0.7, CR_ROOM_2")
+    monkeypatch.setenv("CXR_CHEST_MODALITIES", "DX")
+    s = Settings.load()
+    assert s.scp_allowed_callers == ["MODALITY@10.0.0.7", "CR_ROOM_2"]
+    assert s.chest_modalities == ["DX"]
+
+
+def test_an_ae_title_longer_than_dicom_allows_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        Settings.load(scp_ae_title="A" * 17)
