@@ -389,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop.install()
     from pydantic import ValidationError
 
+    from producers.scp import ScpConfigError
     from producers.state import StateError
     from streaming.bundle import BundleError
     from streaming.checkpoint import CheckpointError
@@ -406,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DeviceError,
         JvmSetupError,
         PacsSetupError,
+        ScpConfigError,
         StateError,
     ) as exc:
         log.debug("configuration error", exc_info=True)

@@ -14,7 +14,9 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -58,6 +60,8 @@ class EmbeddedOrthanc:
         self.aet = aet
         self.http_port, self.dicom_port = free_ports(2)
         self._process: subprocess.Popen[bytes] | None = None
+        #: Where Orthanc's files live: `workdir`, unless Orthanc's user cannot reach it (see `start`).
+        self.home = workdir
 
     @property
     def host_port(self) -> str:
@@ -86,7 +90,7 @@ class EmbeddedOrthanc:
     # ------------------------------------------------------------------------------------------- lifecycle
 
     def _config(self) -> dict[str, Any]:
-        storage = self.workdir / "storage"
+        storage = self.home / "storage"
         return {
             "Name": "cxr-embedded-orthanc",
             "DicomAet": self.aet,
@@ -108,20 +112,25 @@ class EmbeddedOrthanc:
         why = missing_orthanc()
         if why:
             raise PacsSetupError(why)
-        (self.workdir / "storage").mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "orthanc.json"
+        root = os.geteuid() == 0
+        if root and self.home == self.workdir and not _reachable_by_others(self.workdir):
+            # Orthanc runs as nobody, who cannot pass a private parent (pytest's and mkdtemp's are 0700):
+            # it gets a folder of its own in the system's temporary folder, kept across stop and start.
+            self.home = Path(tempfile.mkdtemp(prefix="cxr-orthanc-"))
+        (self.home / "storage").mkdir(parents=True, exist_ok=True)
+        config = self.home / "orthanc.json"
         config.write_text(json.dumps(self._config(), indent=2))
         config.chmod(0o600)  # it holds the password
         command: list[str] = [str(ORTHANC), str(config)]
-        if os.geteuid() == 0:  # Orthanc does not need root, so it does not get it
-            for path in (self.workdir, *self.workdir.rglob("*")):
+        if root:  # Orthanc does not need root, so it does not get it
+            for path in (self.home, *self.home.rglob("*")):
                 os.chown(path, NOBODY, NOBODY)
             setpriv = shutil.which("setpriv")
             if setpriv is None:
                 raise PacsSetupError("setpriv (util-linux) is needed to run Orthanc unprivileged")
             command = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command]
-        with (self.workdir / "orthanc.log").open("ab") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        with (self.home / "orthanc.log").open("ab") as log:
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.home)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -146,7 +155,7 @@ class EmbeddedOrthanc:
         self._process = None
 
     def log(self) -> str:
-        path = self.workdir / "orthanc.log"
+        path = self.home / "orthanc.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     # ---------------------------------------------------------------------------------------------- REST
@@ -182,6 +191,11 @@ class EmbeddedOrthanc:
 
     def last_change(self) -> int:
         return int(self.get("/changes?last")["Last"])
+
+
+def _reachable_by_others(folder: Path) -> bool:
+    """Whether every folder above `folder` lets other users through (o+x)."""
+    return all(os.stat(parent).st_mode & stat.S_IXOTH for parent in folder.resolve().parents)
 
 
 def sample_instance(jpeg: Path, index: int = 0) -> bytes:
