@@ -1,9 +1,10 @@
 """Fetching image bytes for a reference URI: every URI is hostile, and every fetch ends in bounded time.
 
-Time. `deadline` is an absolute `time.monotonic()` value; past it a fetch raises `timeout`. A DICOMweb request
-also ends within `policy.timeout_s` in all (resolving, connecting, TLS, headers and body together), with or
-without a deadline: a per-read socket timeout alone would let a server that sends one byte every few seconds
-hold a read forever. Files are read in chunks with the deadline checked between them.
+Time. `deadline` is an absolute `time.monotonic()` value; past it a fetch raises `timeout`. A DICOMweb fetch
+also ends within `policy.timeout_s` in all (resolving, connecting, TLS, headers, body, every retry and every
+wait between them), with or without a deadline: a per-read socket timeout alone would let a server that sends
+one byte every few seconds hold a read forever, so a watchdog shuts each request's connection down at the end.
+Files are read in chunks with the deadline checked between them.
 
 Files (`file://`):
 
@@ -30,15 +31,37 @@ DICOMweb (`http(s)://`), checked before any connection is made:
 - the port, if any, is 1 to 65535 in plain digits without leading zeros;
 - the path names a single WADO-RS instance (`…/studies/S/series/SE/instances/I`).
 
-Then the host is resolved once (bounded by the time left) and refused if any address it resolves to is
+Then the host is resolved (bounded by the time left; an answer is reused for a few seconds but vetted anew
+for every request) and refused if any address it resolves to is
 link-local (169.254.0.0/16, fe80::/10), a cloud metadata address (169.254.169.254, fd00:ec2::254, …),
 unspecified, multicast, broadcast or reserved, unless the allow-list names that very IP. Loopback and private
 addresses are accepted for an allow-listed host: hospital PACS live on private networks. The connection goes
 to the resolved addresses only (pinned, so DNS cannot answer differently between check and connect), while the
 Host header, TLS SNI and certificate verification use the host name. Redirects are never followed.
 
-A server that is down or overloaded (connection refused or reset, HTTP 429, 502, 503, 504) is `unavailable`;
-404 is `not_found`; 401 and 403 are `forbidden_uri`; any other failure is `fetch_failed`.
+Connections are kept alive and reused, per Python worker process (Spark reuses workers across micro-batches):
+a module-level pool, shared by the decode threads, keyed by scheme, host name, port and the vetted address it
+is connected to. A request takes a pooled connection only for an address that its own resolution just vetted
+under its own policy, so pinning and the SSRF rules hold for every request, and only for the same host name,
+so the Host header, SNI and the certificate check always match. A connection goes back to the pool only after
+an answer was read to its end (a small error answer is read to its end for that), the server did not say
+`Connection: close` and the watchdog did not fire; the pool keeps at most `POOL_MAX_IDLE_PER_KEY` per key,
+none idle longer than `POOL_MAX_IDLE_S`, and drops one the server has closed meanwhile before using it. Should
+a reused connection still turn out dead (reset, closed, or a bad status line before any answer), the request
+goes out once more on a new connection, which is not counted as a retry. A name's resolution is reused for
+`DNS_CACHE_S` and vetted again for each request. A forked child (PySpark forks its workers) starts with an
+empty pool of its own and never touches its parent's connections.
+
+Codes and retries. A server that is down or overloaded (connection refused, reset or closed without an answer,
+host unreachable, a name lookup that fails for now (EAI_AGAIN), HTTP 429, 502, 503, 504) is `unavailable`, and
+is tried again up to `policy.retries` times after an exponential backoff with jitter (from
+`policy.retry_backoff_s`), or after its `Retry-After` when that is longer. A retry is made only if it can still
+start before the deadline (or `timeout_s`): otherwise, and when `Retry-After` asks for more than
+`MAX_RETRY_WAIT_S`, the fetch ends at once with that `unavailable` (its reason says how many attempts were
+made). So a PACS that is down ends as `unavailable` within the deadline; `timeout` means a server (or a name
+lookup) that did not answer in time, and is not retried. 404 is `not_found`, 401 and 403 are `forbidden_uri`,
+a redirect is `forbidden_uri`, none of them retried; any other failure is `fetch_failed`. Reasons name the
+status or the kind of failure, never a header, a credential or what the server said.
 """
 
 from __future__ import annotations
@@ -50,7 +73,9 @@ import http.client
 import ipaddress
 import math
 import os
+import random
 import re
+import select
 import socket
 import ssl
 import stat
@@ -58,8 +83,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.parser import BytesParser
 from email.policy import HTTP
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -85,6 +112,7 @@ _HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*")
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
 _REQUEST_TARGET = re.compile(r"/[\x21-\x7e]*")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]+")
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 #: Cloud instance metadata services: AWS/GCP/Azure/OpenStack, AWS ECS, AWS over IPv6, Alibaba, Azure WireServer.
 _METADATA = frozenset(
@@ -99,16 +127,25 @@ _UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """What references may point at; built on the driver from the settings and shipped to executors."""
+    """What references may point at, and how hard to try; built on the driver from the settings
+    (`pipeline.scoring_config`) and shipped to the executors. Credentials never show in its repr."""
 
     allowed_roots: tuple[Path, ...] = ()
+    #: `host` or `host:port` that DICOMweb references may name (`CXR_DICOMWEB_ALLOWED_HOSTS`)
     dicomweb_hosts: tuple[str, ...] = ()
     max_bytes: int = 128 * 1024 * 1024
-    #: the most one DICOMweb request may take in all, whatever the deadline
+    #: the most one DICOMweb fetch may take in all (every attempt and every wait between them), whatever
+    #: the deadline (`CXR_FETCH_TIMEOUT_S`)
     timeout_s: float = 30.0
     dicomweb_token: str | None = field(default=None, repr=False)
-    #: a whole `Authorization` header value (HTTP basic or bearer); wins over `dicomweb_token`
+    #: a whole `Authorization` header value (HTTP basic or bearer); wins over `dicomweb_token`. Sent only to
+    #: the allow-listed host the reference names (redirects are never followed), never logged, never in a reason
     authorization: str | None = field(default=None, repr=False)
+    #: further attempts after one that ends `unavailable` (`CXR_DICOMWEB_RETRIES`; 0 here: one attempt, for
+    #: callers that build a policy themselves)
+    retries: int = 0
+    #: the first wait before a retry; it doubles each time, with jitter (`CXR_DICOMWEB_RETRY_BACKOFF_S`)
+    retry_backoff_s: float = 0.25
 
 
 def fetch(uri: str, policy: FetchPolicy, deadline: float | None = None) -> bytes:
@@ -448,15 +485,36 @@ def _network_error(exc: Exception) -> FetchError:
 # ------------------------------------------------------------------------------------------ DICOMweb: I/O
 
 _SockAddr = tuple[Any, ...]
+#: `(scheme, host, port, vetted socket address)`: a connection serves only requests for the very host name
+#: (Host header, SNI, the certificate it was verified against) and address it was opened for.
+_PoolKey = tuple[str, str, int, _SockAddr]
+
+#: Idle keep-alive connections kept per pool key, and for how long (servers drop idle ones on their own:
+#: Orthanc after about a second, Apache after 5 s, nginx after 75 s).
+POOL_MAX_IDLE_PER_KEY = 8
+POOL_MAX_IDLE_S = 15.0
+#: A name's addresses are reused this long (vetted again for every request, under that request's policy).
+DNS_CACHE_S = 5.0
+_DNS_CACHE_MAX = 256
+#: The longest single wait between attempts; a `Retry-After` asking for more ends the fetch at once.
+MAX_RETRY_WAIT_S = 10.0
+#: Exponential backoff is stretched by a random factor from 1 to 1 + this (jitter).
+_JITTER = 0.5
+#: A retry is made only if, after its wait, at least this much time is left before the deadline.
+_MIN_ATTEMPT_S = 0.1
+#: An error answer (404, 503, ...) is read to its end so that its connection can be reused, if it is this
+#: small and arrives within this time; otherwise the connection is closed.
+_DRAIN_MAX_BYTES = 64 * 1024
+_DRAIN_S = 1.0
 
 
 def _resolve(target: DicomwebTarget, allowed_hosts: tuple[str, ...], end: float) -> list[tuple[int, _SockAddr]]:
-    """The vetted `(family, sockaddr)` pairs to connect to; the host is resolved once, here."""
+    """The vetted `(family, sockaddr)` pairs to connect to, vetted under this request's allow-list."""
     if target.literal is not None:
         if target.literal.version == 6:
             return [(socket.AF_INET6, (target.host, target.port, 0, 0))]
         return [(socket.AF_INET, (target.host, target.port))]
-    infos = _getaddrinfo(target.host, target.port, end)
+    infos = _lookup(target.host, target.port, end)
     addresses: list[tuple[int, _SockAddr]] = []
     for family, _, _, _, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -474,6 +532,22 @@ def _resolve(target: DicomwebTarget, allowed_hosts: tuple[str, ...], end: float)
     if not addresses:
         raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb host name resolves to no IP address")
     return addresses
+
+
+def _lookup(host: str, port: int, end: float) -> list[Any]:
+    """`getaddrinfo` answers, from the per-process cache while they are fresh; failures are not cached."""
+    state = _state()
+    now = time.monotonic()
+    with state.lock:
+        cached = state.dns.get((host, port))
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    infos = _getaddrinfo(host, port, end)
+    with state.lock:
+        if len(state.dns) >= _DNS_CACHE_MAX:
+            state.dns.clear()
+        state.dns[(host, port)] = (now + DNS_CACHE_S, infos)
+    return infos
 
 
 def _getaddrinfo(host: str, port: int, end: float) -> list[Any]:
@@ -500,15 +574,15 @@ def _getaddrinfo(host: str, port: int, end: float) -> list[Any]:
     return list(result)
 
 
-def _connect(addresses: list[tuple[int, _SockAddr]], end: float) -> socket.socket:
-    """A TCP connection to the first vetted address that accepts, within the time left."""
+def _connect(addresses: list[tuple[int, _SockAddr]], end: float) -> tuple[socket.socket, _SockAddr]:
+    """A TCP connection to the first vetted address that accepts, within the time left, and that address."""
     last: OSError | None = None
     for family, sockaddr in addresses:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.settimeout(_time_left(end, "connecting to the DICOMweb server"))
             sock.connect(sockaddr)
-            return sock
+            return sock, sockaddr
         except TimeoutError:
             sock.close()
             raise
@@ -526,7 +600,8 @@ class _Watchdog:
 
     The socket timeout bounds each read; this bounds them all, including those inside `http.client`
     (status line, headers, chunk sizes) and the TLS handshake. It works on a duplicate descriptor so that
-    it never touches the (possibly TLS) socket object that the reading thread uses.
+    it never touches the (possibly TLS) socket object that the reading thread uses. One per request, also
+    on a reused connection; a connection it fired on is never reused.
     """
 
     def __init__(self, sock: socket.socket, end: float) -> None:
@@ -556,9 +631,10 @@ class _Watchdog:
 class _PinnedConnection(http.client.HTTPConnection):
     """An HTTP connection over a socket already connected to a vetted address; it never dials by name."""
 
-    def __init__(self, host: str, port: int, sock: socket.socket) -> None:
+    def __init__(self, host: str, port: int, sock: socket.socket, key: _PoolKey) -> None:
         super().__init__(host, port)
         self.sock = sock
+        self.key = key
 
     def connect(self) -> None:
         raise http.client.NotConnected("the pinned connection was closed")
@@ -568,6 +644,384 @@ class _PinnedConnection(http.client.HTTPConnection):
 def _tls_context() -> ssl.SSLContext:
     """The system's trust store with hostname checking; built once per process."""
     return ssl.create_default_context()
+
+
+# ------------------------------------------------------------------------------ DICOMweb: connection pool
+
+
+def _dropped(sock: socket.socket | None) -> bool:
+    """Whether an idle connection can no longer carry a request: closed, reset, or holding unread bytes
+    (an idle connection has nothing to read; anything there is an EOF, an error, or stray data)."""
+    if sock is None:
+        return True
+    try:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+class _Pool:
+    """Idle keep-alive connections of one process, by `_PoolKey`; safe for the decode threads to share.
+
+    Most recently used first; at most `POOL_MAX_IDLE_PER_KEY` per key (the oldest goes), none idle for longer
+    than `POOL_MAX_IDLE_S`, none that `_dropped` says the server has closed. Sockets are closed outside the
+    lock. Connections enter only through `put`, and only after a complete answer (see `_exchange`).
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.idle: dict[_PoolKey, list[tuple[float, _PinnedConnection]]] = {}
+        self.dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}
+
+    def take(self, keys: list[_PoolKey]) -> _PinnedConnection | None:
+        """An idle connection for one of `keys` (in their order of preference) that still looks alive."""
+        while True:
+            found: _PinnedConnection | None = None
+            expired: list[_PinnedConnection] = []
+            now = time.monotonic()
+            with self.lock:
+                for key in keys:
+                    idle = self.idle.get(key, [])
+                    while idle and found is None:
+                        since, connection = idle.pop()
+                        if now - since > POOL_MAX_IDLE_S:
+                            expired.append(connection)
+                        else:
+                            found = connection
+                    if not idle:
+                        self.idle.pop(key, None)
+                    if found is not None:
+                        break
+            _close_all(expired)
+            if found is None or not _dropped(found.sock):
+                return found
+            found.close()
+
+    def put(self, connection: _PinnedConnection) -> None:
+        now = time.monotonic()
+        closing: list[_PinnedConnection] = []
+        with self.lock:
+            for key in list(self.idle):  # few keys: the allow-listed hosts' addresses
+                fresh = [entry for entry in self.idle[key] if now - entry[0] <= POOL_MAX_IDLE_S]
+                closing += [connection for since, connection in self.idle[key] if now - since > POOL_MAX_IDLE_S]
+                if fresh:
+                    self.idle[key] = fresh
+                else:
+                    del self.idle[key]
+            idle = self.idle.setdefault(connection.key, [])
+            idle.append((now, connection))
+            while len(idle) > POOL_MAX_IDLE_PER_KEY:
+                closing.append(idle.pop(0)[1])
+            if not idle:
+                del self.idle[connection.key]
+        _close_all(closing)
+
+    def count(self) -> int:
+        """Idle connections held now (for tests and diagnostics)."""
+        with self.lock:
+            return sum(len(idle) for idle in self.idle.values())
+
+    def drain(self) -> list[_PinnedConnection]:
+        """Empty the pool; the caller closes what it returns."""
+        with self.lock:
+            connections = [connection for idle in self.idle.values() for _, connection in idle]
+            self.idle.clear()
+            self.dns.clear()
+        return connections
+
+
+def _close_all(connections: list[_PinnedConnection]) -> None:
+    for connection in connections:
+        with contextlib.suppress(OSError):
+            connection.close()
+
+
+_POOL = _Pool()
+
+
+def _state() -> _Pool:
+    """This process's pool (with its DNS cache); a forked child starts with an empty one of its own."""
+    pool = _POOL
+    if pool.pid != os.getpid():
+        pool = _forget_inherited()
+    return pool
+
+
+def _forget_inherited() -> _Pool:
+    """After a fork: a fresh pool and lock (the parent's lock may have been held by a thread that is gone).
+
+    The inherited sockets are the parent's connections: the child never uses them, only closes its copies
+    of their descriptors, which leaves the parent's connections (and TLS sessions) untouched.
+    """
+    global _POOL
+    inherited, _POOL = _POOL, _Pool()
+    for idle in list(inherited.idle.values()):
+        for _, connection in list(idle):
+            if connection.sock is not None:
+                with contextlib.suppress(OSError):
+                    connection.sock.close()
+    return _POOL
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited)
+
+
+def close_idle_connections() -> int:
+    """Close this process's idle DICOMweb connections and forget cached name lookups; how many were closed."""
+    connections = _state().drain()
+    _close_all(connections)
+    return len(connections)
+
+
+def idle_connections() -> int:
+    """How many idle DICOMweb connections this process holds."""
+    return _state().count()
+
+
+# ---------------------------------------------------------------------------------- DICOMweb: one request
+
+
+class _Stale(Exception):
+    """A reused connection failed before any answer arrived: the server closed it while it sat idle."""
+
+
+#: What a kept-alive connection closed by its server looks like when the next request is sent on it.
+_STALE_ERRORS = (
+    ConnectionResetError,  # includes http.client.RemoteDisconnected: closed without a status line
+    BrokenPipeError,
+    ConnectionAbortedError,
+    http.client.BadStatusLine,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
+
+
+@dataclass
+class _Answer:
+    """A complete answer: the body of a success, or just the status (and Retry-After) of anything else."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = ""
+    retry_after: float | None = None
+    #: the connection may carry another request: the answer was read to its end and the server keeps it open
+    reusable: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def _request_headers(target: DicomwebTarget, policy: FetchPolicy) -> dict[str, str]:
+    headers = {"Host": target.netloc, "Accept": _ACCEPT_DICOM}
+    authorization = policy.authorization or (f"Bearer {policy.dicomweb_token}" if policy.dicomweb_token else None)
+    if authorization:
+        if not _HEADER_VALUE.fullmatch(authorization):  # http.client would quote the value in its error
+            raise FetchError(ErrorCode.FETCH_FAILED, "the configured DICOMweb credentials are not a valid header")
+        headers["Authorization"] = authorization
+    return headers
+
+
+def _request(target: DicomwebTarget, policy: FetchPolicy, end: float) -> tuple[bytes, str]:
+    """The answer's body and Content-Type, retrying what is `unavailable`, all by `end`.
+
+    An attempt that ends `unavailable` (refused, reset, HTTP 429/502/503/504, EAI_AGAIN) is made again, up
+    to `policy.retries` times, after `retry_backoff_s * 2**n` stretched by jitter, or after the server's
+    `Retry-After` when that is longer. Whenever the wait would leave less than `_MIN_ATTEMPT_S` before `end`,
+    or the server asks for more than `MAX_RETRY_WAIT_S`, the fetch ends at once with that `unavailable`:
+    a server that is down is reported as down, in time, never as a `timeout`.
+    """
+    headers = _request_headers(target, policy)
+    retries = 0
+    while True:
+        error: FetchError
+        retry_after: float | None = None
+        try:
+            answer = _attempt(target, policy, headers, end)
+            if answer.ok:
+                return answer.body, answer.content_type
+            error, retry_after = status_error(answer.status), answer.retry_after
+        except FetchError as exc:
+            error = exc
+        if error.code is not ErrorCode.UNAVAILABLE or retries >= policy.retries:
+            raise _after_attempts(error, retries + 1)
+        if retry_after is not None and retry_after > MAX_RETRY_WAIT_S:
+            raise FetchError(
+                ErrorCode.UNAVAILABLE,
+                f"{error.reason}; it asked to retry after {retry_after:g} s, longer than cxr-stream waits",
+            )
+        wait = min(policy.retry_backoff_s * 2**retries, MAX_RETRY_WAIT_S) * (1 + _JITTER * random.random())
+        wait = max(wait, retry_after or 0.0)
+        if time.monotonic() + wait + _MIN_ATTEMPT_S > end:
+            raise _after_attempts(error, retries + 1)
+        time.sleep(wait)
+        retries += 1
+
+
+def _after_attempts(error: FetchError, attempts: int) -> FetchError:
+    if attempts == 1:
+        return error
+    return FetchError(error.code, f"{error.reason}, after {attempts} attempts")
+
+
+def _attempt(target: DicomwebTarget, policy: FetchPolicy, headers: dict[str, str], end: float) -> _Answer:
+    """One try: resolve, then a pooled connection to a vetted address, else a new one; every failure is a
+    `FetchError`. A pooled connection found dead is replaced by a new one, once, within the same try."""
+    _time_left(end, "the DICOMweb request")
+    addresses = _resolve(target, policy.dicomweb_hosts, end)
+    scheme = "https" if target.tls else "http"
+    pooled = _state().take([(scheme, target.host, target.port, sockaddr) for _, sockaddr in addresses])
+    if pooled is not None:
+        try:
+            return _exchange(target, policy, headers, end, pooled)
+        except _Stale:
+            pass
+    try:
+        sock, sockaddr = _connect(addresses, end)
+    except OSError as exc:
+        raise _network_error(exc) from None
+    return _exchange(target, policy, headers, end, sock, (scheme, target.host, target.port, sockaddr))
+
+
+def _exchange(
+    target: DicomwebTarget,
+    policy: FetchPolicy,
+    headers: dict[str, str],
+    end: float,
+    via: _PinnedConnection | socket.socket,
+    key: _PoolKey | None = None,
+) -> _Answer:
+    """One request on a pooled connection, or on a new socket (TLS handshake first); under a watchdog.
+
+    The connection goes back to the pool only when the answer was complete, the server keeps it open and
+    the watchdog did not fire; otherwise it is closed. `_Stale` (from a pooled connection only) says try anew.
+    """
+    reused = isinstance(via, _PinnedConnection)
+    raw = via.sock if isinstance(via, _PinnedConnection) else via
+    connection = via if isinstance(via, _PinnedConnection) else None
+    watchdog: _Watchdog | None = None
+    answer: _Answer | None = None
+    try:
+        watchdog = _Watchdog(raw, end)
+        if connection is None:
+            assert key is not None and isinstance(raw, socket.socket)
+            raw.settimeout(_time_left(end, "the TLS handshake"))
+            sock = _tls_context().wrap_socket(raw, server_hostname=target.host) if target.tls else raw
+            connection = _PinnedConnection(target.host, target.port, sock, key)
+        answer = _converse(connection, target, policy, headers, end, reused=reused)
+    except (_Stale, FetchError, OSError, http.client.HTTPException, ValueError) as exc:
+        if watchdog is not None and watchdog.fired.is_set():  # a shut-down socket also looks stale
+            raise FetchError(ErrorCode.TIMEOUT, "the DICOMweb request ran out of time") from None
+        if isinstance(exc, _Stale | FetchError):
+            raise
+        raise _network_error(exc) from None
+    finally:
+        if watchdog is not None:
+            watchdog.close()
+        fired = watchdog is None or watchdog.fired.is_set()
+        if connection is not None and answer is not None and answer.reusable and not fired:
+            _state().put(connection)
+        elif connection is not None:
+            connection.close()
+        else:
+            raw.close()
+    assert answer is not None
+    if fired and answer.ok:  # a read cut off by the watchdog can look like a complete body
+        raise FetchError(ErrorCode.TIMEOUT, "the DICOMweb request ran out of time")
+    return answer
+
+
+def _converse(
+    connection: _PinnedConnection,
+    target: DicomwebTarget,
+    policy: FetchPolicy,
+    headers: dict[str, str],
+    end: float,
+    *,
+    reused: bool,
+) -> _Answer:
+    """Send the WADO-RS request and read the answer: the body (size-limited) of a success, the status of
+    anything else."""
+    sock = connection.sock
+    assert sock is not None
+    try:
+        sock.settimeout(_time_left(end, "the DICOMweb request"))
+        connection.request("GET", target.request_target, headers=headers)
+        response = connection.getresponse()
+    except _STALE_ERRORS as exc:
+        if reused:
+            raise _Stale from exc
+        raise
+    try:
+        if not 200 <= response.status < 300:
+            retry_after = _retry_after(response.getheader("Retry-After")) if response.status in _OVERLOADED else None
+            return _Answer(response.status, retry_after=retry_after, reusable=_drain(connection, response, end))
+        declared = response.length  # None when chunked or not given
+        if declared is not None and declared > policy.max_bytes:
+            raise _too_large(policy.max_bytes)
+        body = _read_limited(
+            response.read1,
+            policy.max_bytes,
+            lambda: sock.settimeout(_time_left(end, "reading the DICOMweb answer")),
+        )
+        if declared is not None and len(body) < declared:
+            raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb answer was cut short")
+        content_type = response.getheader("Content-Type", "") or ""
+        return _Answer(response.status, body, content_type, reusable=_complete(connection, response))
+    except BaseException:
+        response.close()
+        raise
+
+
+def _complete(connection: _PinnedConnection, response: http.client.HTTPResponse) -> bool:
+    """Whether the answer was read to its very end and the connection stays open for another request; if
+    so, the response is closed (`read1` leaves a finished Content-Length answer open, which would block
+    the connection's next request)."""
+    finished = response.isclosed() or (not response.chunked and response.length == 0)
+    if not finished or response.will_close or connection.sock is None:
+        return False
+    response.close()
+    return True
+
+
+def _drain(connection: _PinnedConnection, response: http.client.HTTPResponse, end: float) -> bool:
+    """Read a small error answer to its end (within `_DRAIN_S`) so its connection can be reused; never
+    raises: an answer that is large, slow or broken only costs its connection."""
+    if response.will_close or response.length is None or response.length > _DRAIN_MAX_BYTES:
+        return False
+    sock = connection.sock
+    drained_by = min(end, time.monotonic() + _DRAIN_S)
+    try:
+        _read_limited(
+            response.read1,
+            _DRAIN_MAX_BYTES,
+            lambda: sock.settimeout(_time_left(drained_by, "reading the error answer")) if sock else None,
+        )
+    except (FetchError, OSError, http.client.HTTPException, ValueError):
+        return False
+    return _complete(connection, response)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a `Retry-After` header asks to wait (delay-seconds or an HTTP date), or None if absent/unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def fetch_dicomweb(uri: str, policy: FetchPolicy, *, deadline: float | None = None) -> bytes:
@@ -587,65 +1041,6 @@ def fetch_dicomweb(uri: str, policy: FetchPolicy, *, deadline: float | None = No
         )
         raise FetchError(ErrorCode.TIMEOUT, reason) from None
     return first_part(body, content_type)
-
-
-def _request(target: DicomwebTarget, policy: FetchPolicy, end: float) -> tuple[bytes, str]:
-    """Resolve, connect to a vetted address and exchange, all by `end`; every failure is a `FetchError`."""
-    _time_left(end, "the DICOMweb request")
-    addresses = _resolve(target, policy.dicomweb_hosts, end)
-    try:
-        sock = _connect(addresses, end)
-    except OSError as exc:
-        raise _network_error(exc) from None
-    watchdog: _Watchdog | None = None
-    try:
-        watchdog = _Watchdog(sock, end)
-        answer = _exchange(sock, target, policy, end)
-    except (FetchError, OSError, http.client.HTTPException, ValueError) as exc:
-        if watchdog is not None and watchdog.fired.is_set():
-            raise FetchError(ErrorCode.TIMEOUT, "the DICOMweb request ran out of time") from None
-        if isinstance(exc, FetchError):
-            raise
-        raise _network_error(exc) from None
-    finally:
-        if watchdog is not None:
-            watchdog.close()
-        sock.close()
-    if watchdog.fired.is_set():  # a read cut off by the watchdog can look like a complete body
-        raise FetchError(ErrorCode.TIMEOUT, "the DICOMweb request ran out of time")
-    return answer
-
-
-def _exchange(sock: socket.socket, target: DicomwebTarget, policy: FetchPolicy, end: float) -> tuple[bytes, str]:
-    """Send the WADO-RS request on a connected socket; the body (size-limited) and its Content-Type."""
-    sock.settimeout(_time_left(end, "the TLS handshake"))
-    if target.tls:
-        sock = _tls_context().wrap_socket(sock, server_hostname=target.host)
-    connection = _PinnedConnection(target.host, target.port, sock)
-    try:
-        headers = {"Host": target.netloc, "Accept": _ACCEPT_DICOM}
-        if policy.authorization:
-            headers["Authorization"] = policy.authorization
-        elif policy.dicomweb_token:
-            headers["Authorization"] = f"Bearer {policy.dicomweb_token}"
-        sock.settimeout(_time_left(end, "the DICOMweb request"))
-        connection.request("GET", target.request_target, headers=headers)
-        response = connection.getresponse()
-        if not 200 <= response.status < 300:
-            raise status_error(response.status)
-        declared = response.length  # None when chunked or not given
-        if declared is not None and declared > policy.max_bytes:
-            raise _too_large(policy.max_bytes)
-        body = _read_limited(
-            response.read1,
-            policy.max_bytes,
-            lambda: sock.settimeout(_time_left(end, "reading the DICOMweb answer")),
-        )
-        if declared is not None and len(body) < declared:
-            raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb answer was cut short")
-        return body, response.getheader("Content-Type", "") or ""
-    finally:
-        connection.close()
 
 
 def first_part(body: bytes, content_type: str) -> bytes:

@@ -67,6 +67,8 @@ def scoring_config(settings: Settings, threads: int | None = None) -> ScoringCon
             max_bytes=settings.max_image_bytes,
             timeout_s=settings.fetch_timeout_s,
             authorization=settings.dicomweb_authorization(),
+            retries=settings.dicomweb_retries,
+            retry_backoff_s=settings.dicomweb_retry_backoff_s,
         ),
         limits=DecodeLimits(max_pixels=settings.max_image_pixels),
         inference_batch_size=settings.inference_batch_size,

@@ -151,6 +151,7 @@ class Settings(BaseSettings):
     dicomweb_retry_backoff_s: float = Field(default=0.25, gt=0)
     max_image_bytes: int = Field(default=128 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=60_000_000, gt=0)
+    #: The most one DICOMweb fetch may take in all: every attempt, retry and wait included.
     fetch_timeout_s: float = Field(default=30.0, gt=0)
     #: Fetch + decode of one reference must end within this; past it the reference is a `timeout` dead letter.
     reference_deadline_s: float = Field(default=30.0, gt=0)

@@ -3,6 +3,7 @@
 A `MisbehavingServer` listens on 127.0.0.1 and hands each accepted connection to a behaviour (a function of
 the connection and a stop event) on a daemon thread of its own. It counts connections, so a test can prove
 that a refused URL never reached it, and `close()` ends every behaviour within a second or so.
+`KeepAliveServer` speaks HTTP/1.1 with keep-alive on a script, for the connection-pool and retry tests.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ import contextlib
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 
@@ -144,3 +149,103 @@ def self_signed_certificate(directory: Path, name: str) -> tuple[Path, Path] | N
         timeout=30,
     )  # fmt: skip
     return cert, key
+
+
+# ------------------------------------------------------------------------------------ keep-alive HTTP/1.1
+
+
+def http_answer(status: int = 200, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    """A well-formed HTTP/1.1 answer with a Content-Length (add `Connection: close` through `headers`)."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What a `KeepAliveServer` does with one request: send `answer` (after `delay_s`), then go on reading
+    the next request on the same connection, unless told to close it (`close`), reset it (`reset`: an RST
+    instead of a FIN) or keep it open without reading anything more (`hold`, until the server closes)."""
+
+    answer: bytes = b""
+    delay_s: float = 0.0
+    close: bool = False
+    reset: bool = False
+    hold: bool = False
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as a `KeepAliveServer` got it."""
+
+    #: which TCP connection carried it: 1, 2, ... in the order the server took them up
+    connection: int
+    head: bytes
+    #: `time.monotonic()` when its head was complete
+    at: float
+
+
+class KeepAliveServer(MisbehavingServer):
+    """HTTP/1.1 with keep-alive, request after request on each connection (optionally over TLS).
+
+    `script(n, head)` decides the n-th request's `Turn` (n counts from 0 over all connections); `seen`
+    records every request with the connection that carried it, so a test can tell reuse from reconnection.
+    """
+
+    def __init__(self, script: Callable[[int, bytes], Turn], tls: ssl.SSLContext | None = None) -> None:
+        self.script = script
+        self.tls = tls
+        self.seen: list[Seen] = []
+        self.handshakes = 0
+        self._lock = threading.Lock()
+        self._opened = 0
+        super().__init__(self._converse)
+
+    def _converse(self, conn: socket.socket, stop: threading.Event) -> None:
+        with self._lock:
+            self._opened += 1
+            number = self._opened
+        if self.tls is not None:
+            conn.settimeout(5)
+            conn = self.tls.wrap_socket(conn, server_side=True)
+            with self._lock:
+                self.handshakes += 1
+        with conn:
+            self._serve_requests(conn, number, stop)
+
+    def _serve_requests(self, conn: socket.socket, number: int, stop: threading.Event) -> None:
+        conn.settimeout(0.05)
+        buffer = b""
+        while not stop.is_set():
+            while b"\r\n\r\n" not in buffer:
+                if stop.is_set():
+                    return
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:  # the client closed the connection
+                    return
+                buffer += chunk
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            with self._lock:
+                index = len(self.seen)
+                self.seen.append(Seen(number, head, time.monotonic()))
+            turn = self.script(index, head)
+            if turn.delay_s and stop.wait(turn.delay_s):
+                return
+            if turn.answer:
+                conn.sendall(turn.answer)
+            if turn.reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            if turn.close:
+                return
+            if turn.hold:
+                stop.wait()
+                return
+
+    def connections_used(self) -> list[int]:
+        """The connection of every request, in order."""
+        with self._lock:
+            return [seen.connection for seen in self.seen]

@@ -47,6 +47,15 @@ from streaming.fetch import (
 
 pytestmark = pytest.mark.timeout(30)
 
+
+@pytest.fixture(autouse=True)
+def fresh_connections() -> Iterator[None]:
+    """Each test starts without pooled connections or cached name lookups, and leaves none behind."""
+    fetch_module.close_idle_connections()
+    yield
+    fetch_module.close_idle_connections()
+
+
 BINARY = bytes(range(256)) * 3 + b"\r\n--not-a-boundary\r\n" + b"\x00\xff" * 10
 T = TypeVar("T")
 
