@@ -66,6 +66,7 @@ status or the kind of failure, never a header, a credential or what the server s
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import errno
 import functools
@@ -84,8 +85,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.parser import BytesParser
-from email.policy import HTTP
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -1043,15 +1042,200 @@ def fetch_dicomweb(uri: str, policy: FetchPolicy, *, deadline: float | None = No
     return first_part(body, content_type)
 
 
+# ------------------------------------------------------------------------------ DICOMweb: multipart/related
+
+#: RFC 2046 §5.1.1: a boundary is 1 to 70 characters. Any printable ASCII is taken (a superset of its `bchars`:
+#: matching is byte-exact, so no character can do harm), but not a space at the end.
+_MULTIPART_BOUNDARY = re.compile(r"[\x20-\x7e]{0,69}[\x21-\x7e]")
+#: One `; name=value` parameter of a Content-Type, the value a quoted-string or a bare run up to `;` or space.
+_CONTENT_TYPE_PARAMETER = re.compile(r'\s*;\s*([^\s=;"]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s"]*)')
+#: Where a header value's bare token ends: its parameters or an RFC 822 comment.
+_PARAMETERS_OR_COMMENT = re.compile(r"[;(]")
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+#: Transport padding: the spaces and tabs a sender may put after a boundary on its delimiter line.
+_TRANSPORT_PADDING = re.compile(rb"[ \t]*")
+#: What follows `CRLF--boundary` on a delimiter line (`_delimiter_line` in a regular expression): transport
+#: padding then CRLF, or `--` and transport padding at the end of the body or before CRLF (the closing one).
+_DELIMITER_LINE_END = rb"(?:(?P<closing>--)[ \t]*(?=\r\n|\Z)|[ \t]*\r\n)"
+#: A header field line (`name: value`) or a folded continuation line of a body part's header block.
+_PART_HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+:[^\r\n]*|[ \t][^\r\n]*")
+#: The most a body part's header block may take; a WADO-RS part carries a few short headers.
+MAX_PART_HEADER_BYTES = 16 * 1024
+#: Content-Transfer-Encodings whose body is the octets themselves (absent means 7bit).
+_IDENTITY_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
+#: The most body parts looked at for an instance: parts that carry none are skipped, but not without end.
+MAX_MULTIPART_PARTS = 1000
+
+
 def first_part(body: bytes, content_type: str) -> bytes:
-    """The first body part of a multipart/related answer (or the body itself when it is not multipart)."""
+    """The first non-empty body part of a multipart answer (or the body itself when it is not multipart).
+
+    A byte-level splitter per RFC 2046 §5.1 (DICOM PS3.18 §8.7.3): the boundary comes from the Content-Type
+    (quoted or not; 1 to 70 characters, else `fetch_failed`). A delimiter is `--boundary` at the start of the
+    body or right after CRLF, then transport padding (spaces, tabs) and CRLF, or `--` for the closing one; so
+    whatever comes before the first delimiter (a preamble) or after the closing one (an epilogue) is ignored,
+    and a line that merely begins with `--boundary` followed by anything else is part of the payload (as
+    is `--boundary` anywhere but at a line start). Only CRLF ends a line, as RFC 2046 and PS3.18 require: a
+    bare LF before `--boundary` is payload (the email parser this replaces cut the instance short there).
+
+    Each part's headers must end within `MAX_PART_HEADER_BYTES` and be well-formed header lines. Its payload
+    is what the email parser's `get_payload(decode=True)` gave for it: the octets up to the CRLF before the
+    next delimiter for Content-Transfer-Encoding 7bit, 8bit, binary or none; decoded for base64 and
+    quoted-printable; any other encoding is refused rather than handed on undecoded. A part that is empty, or
+    is itself multipart/* or message/*, carries no instance and is skipped, as before.
+
+    Unlike the email parser, a part that no delimiter ends is `fetch_failed` "cut short" rather than taken
+    as it stands: a connection that closed early must not pass a truncated instance on. Parts after the one
+    returned are not looked at. Reasons never quote the body or the boundary.
+    """
     if not content_type.lower().startswith("multipart/"):
         return body
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    for part in message.iter_parts():
-        payload = part.get_payload(decode=True)
-        if isinstance(payload, bytes) and payload:
+    boundary = _multipart_boundary(content_type)
+    delimiter = _Delimiter(b"\r\n--" + boundary)
+    opening = _delimiter_line(body, len(boundary) + 2) if body.startswith(b"--" + boundary) else None
+    if opening is None:
+        found = delimiter.next(body, 0)
+        if found is None:
+            raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb answer is multipart but has no delimiter")
+        opening = found[1:]
+    start, closing = opening
+    looked_at = 0
+    while not closing:
+        if looked_at == MAX_MULTIPART_PARTS:
+            raise FetchError(
+                ErrorCode.FETCH_FAILED, f"the DICOMweb answer carried no instance in its first {looked_at} parts"
+            )
+        looked_at += 1
+        # The CRLF that ends this delimiter line may also begin the next delimiter: an empty part.
+        following = delimiter.next(body, start - 2)
+        if following is None:
+            raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb answer was cut short (a part is not closed)")
+        end, after, closing = following
+        payload = _part_payload(body, start, end)
+        if payload:
             return payload
+        start = after
     raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb answer carried no instance")
+
+
+def _multipart_boundary(content_type: str) -> bytes:
+    """The `boundary` parameter of a multipart Content-Type (the first, if it is given twice)."""
+    semicolon = content_type.find(";")
+    position = len(content_type) if semicolon < 0 else semicolon
+    while (parameter := _CONTENT_TYPE_PARAMETER.match(content_type, position)) is not None:
+        position = parameter.end()
+        if parameter[1].lower() != "boundary":
+            continue
+        value = parameter[2]
+        if value.startswith('"'):
+            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
+        if not _MULTIPART_BOUNDARY.fullmatch(value):
+            raise FetchError(
+                ErrorCode.FETCH_FAILED,
+                "the DICOMweb answer's multipart boundary is not 1 to 70 printable ASCII characters (RFC 2046)",
+            )
+        return value.encode("ascii")
+    raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb answer is multipart without a boundary")
+
+
+def _delimiter_line(body: bytes, end: int) -> tuple[int, bool] | None:
+    """Whether `--boundary`, ending at `end`, makes a delimiter line: `(where the next part starts, closing)`.
+
+    Closing is `--`, transport padding, then CRLF (an epilogue follows) or the end of the body; any other is
+    transport padding then CRLF. Anything else (`--boundaryX`, a line cut off) is not a delimiter.
+    """
+    if body.startswith(b"--", end):
+        padded = _TRANSPORT_PADDING.match(body, end + 2)
+        assert padded is not None  # `*` matches the empty string
+        if padded.end() == len(body) or body.startswith(b"\r\n", padded.end()):
+            return padded.end(), True
+        return None
+    padded = _TRANSPORT_PADDING.match(body, end)
+    assert padded is not None
+    if body.startswith(b"\r\n", padded.end()):
+        return padded.end() + 2, False
+    return None
+
+
+class _Delimiter:
+    """Finds `CRLF--boundary` delimiter lines in a body, at C speed whatever the body holds."""
+
+    def __init__(self, delimiter: bytes) -> None:
+        self.delimiter = delimiter
+        self.pattern: re.Pattern[bytes] | None = None
+
+    def next(self, body: bytes, start: int) -> tuple[int, int, bool] | None:
+        """The first delimiter at or after `start`: `(where its CRLF is, where the next part starts, closing)`;
+        None when there is none.
+
+        `bytes.find` gets the first candidate; one that only looks like a delimiter (`--boundaryX`: payload,
+        or a line cut off) hands the rest of the search to a regular expression, so that a body full of
+        look-alikes costs no Python per look-alike.
+        """
+        at = body.find(self.delimiter, start)
+        if at < 0:
+            return None
+        line = _delimiter_line(body, at + len(self.delimiter))
+        if line is not None:
+            return at, line[0], line[1]
+        if self.pattern is None:
+            self.pattern = re.compile(re.escape(self.delimiter) + _DELIMITER_LINE_END)
+        match = self.pattern.search(body, at + 2)  # a CRLF cannot start at `at + 1`
+        if match is None:
+            return None
+        return match.start(), match.end(), match["closing"] is not None
+
+
+def _part_payload(body: bytes, start: int, end: int) -> bytes:
+    """The decoded payload of the body part `body[start:end]` (headers, blank line, content); b"" when it
+    carries no instance."""
+    if end <= start:
+        return b""
+    if body.startswith(b"\r\n", start):  # no headers at all
+        headers, content = b"", start + 2
+    else:
+        blank = body.find(b"\r\n\r\n", start, min(end, start + MAX_PART_HEADER_BYTES + 4))
+        if blank < 0 and end - start > MAX_PART_HEADER_BYTES + 2:
+            raise FetchError(
+                ErrorCode.FETCH_FAILED,
+                f"a part of the DICOMweb answer has no end to its headers within {MAX_PART_HEADER_BYTES} bytes",
+            )
+        if blank < 0:  # headers only, ended by the delimiter's CRLF: no content
+            headers, content = body[start:end].removesuffix(b"\r\n"), end
+        else:
+            headers, content = body[start:blank], blank + 4
+    content_type, encoding = _part_headers(headers)
+    if content_type.startswith(("multipart/", "message/")) or content >= end:
+        return b""
+    if encoding in _IDENTITY_ENCODINGS:
+        return body[content:end]
+    try:
+        if encoding == "base64":
+            return binascii.a2b_base64(memoryview(body)[content:end])
+        if encoding == "quoted-printable":
+            return binascii.a2b_qp(memoryview(body)[content:end])
+    except binascii.Error:
+        raise FetchError(ErrorCode.FETCH_FAILED, f"a part of the DICOMweb answer is not valid {encoding}") from None
+    raise FetchError(
+        ErrorCode.FETCH_FAILED, "a part of the DICOMweb answer has a Content-Transfer-Encoding cxr-stream cannot read"
+    )
+
+
+def _part_headers(block: bytes) -> tuple[str, str]:
+    """A part's media type and Content-Transfer-Encoding (each lower-case, without parameters or comments,
+    "" when absent; the first when given twice), from its header block without the blank line."""
+    fields: list[list[bytes]] = []
+    for line in block.split(b"\r\n") if block else ():
+        if not _PART_HEADER_LINE.fullmatch(line) or (line[:1] in (b" ", b"\t") and not fields):
+            raise FetchError(ErrorCode.FETCH_FAILED, "a part of the DICOMweb answer has malformed headers")
+        if line[:1] in (b" ", b"\t"):
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    found: dict[bytes, str] = {}
+    for lines in fields:
+        name, _, value = b" ".join(lines).partition(b":")
+        name = name.lower()
+        if name in (b"content-type", b"content-transfer-encoding") and name not in found:
+            found[name] = _PARAMETERS_OR_COMMENT.split(value.decode("latin-1"), maxsplit=1)[0].strip().lower()
+    return found.get(b"content-type", ""), found.get(b"content-transfer-encoding", "")
