@@ -28,8 +28,9 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
+from producers.publish import Acknowledgeable, Publisher
 from producers.state import StateError, read_json, state_file, write_atomic
 from streaming.contracts import Reference, now_utc, rfc3339
 
@@ -280,18 +281,6 @@ class FolderCursorStore:
 
 
 # -------------------------------------------------------------------------------------------------- the feed
-
-
-class Acknowledgeable(Protocol):
-    def succeeded(self) -> bool: ...
-
-
-class Publisher(Protocol):
-    """What the feed needs of `ReferencePublisher`: `flush` raises unless every reference was acknowledged."""
-
-    def send(self, ref: Reference) -> Acknowledgeable: ...
-
-    def flush(self) -> None: ...
 
 
 class FolderFeed:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from kafka import KafkaProducer, errors
 from kafka.errors import KafkaError, KafkaTimeoutError
@@ -42,6 +42,19 @@ _UNREACHABLE: tuple[type[Exception], ...] = tuple(
     for name in ("NoBrokersAvailable", "KafkaTimeoutError", "KafkaConnectionError", "NodeNotReadyError")
     if hasattr(errors, name)
 )
+
+
+class Acknowledgeable(Protocol):
+    def succeeded(self) -> bool: ...
+
+
+class Publisher(Protocol):
+    """What feeds need of `ReferencePublisher` (tests pass fakes): `flush` raises unless every reference sent
+    so far was acknowledged."""
+
+    def send(self, ref: Reference) -> Acknowledgeable: ...
+
+    def flush(self, timeout_s: float | None = None) -> None: ...
 
 
 class PublishError(RuntimeError):

@@ -389,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop.install()
     from pydantic import ValidationError
 
+    from producers.pacs import PacsError
     from producers.scp import ScpConfigError
     from producers.state import StateError
     from streaming.bundle import BundleError
@@ -406,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         DeviceError,
         JvmSetupError,
+        PacsError,
         PacsSetupError,
         ScpConfigError,
         StateError,

@@ -213,6 +213,8 @@ class Settings(BaseSettings):
     #: How long a caught-up feed sleeps before asking its PACS again, and how long one PACS request may take.
     feed_poll_interval_s: float = Field(default=1.0, gt=0)
     feed_request_timeout_s: float = Field(default=30.0, gt=0)
+    #: `cxr produce orthanc`: the DICOMweb service root the references name; unset, the Orthanc URL + /dicom-web.
+    orthanc_dicomweb_root: str | None = None
     #: `cxr produce dicomweb`: each poll looks this far back before the newest instance it has seen (QIDO-RS
     #: has no "received since" attribute), de-duplicating on SOP instance UID.
     dicomweb_poll_overlap_s: float = Field(default=24 * 3600.0, gt=0)

@@ -45,7 +45,10 @@ def job_env(
 
 
 class JobProcess:
-    """`cxr run` in its own process group, its output appended to one log file across restarts."""
+    """A `cxr` command (`cxr run` unless `command` says otherwise) in its own process group, its output
+    appended to one log file across restarts."""
+
+    command: tuple[str, ...] = ("run",)
 
     def __init__(self, env: dict[str, str], log_file: Path, args: tuple[str, ...] = ()) -> None:
         self.env, self.log_file, self.args = env, log_file, args
@@ -57,7 +60,7 @@ class JobProcess:
         self.starts += 1
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "streaming.cli", "run", *self.args],
+                [sys.executable, "-m", "streaming.cli", *self.command, *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

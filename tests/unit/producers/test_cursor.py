@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fake_publisher import FakePublisher
 from producers import folder as folder_module
 from producers.folder import (
     EVENT_NAMESPACE,
@@ -20,7 +21,6 @@ from producers.folder import (
     event_id_for,
 )
 from producers.state import StateError, read_json, source_key, state_file, write_atomic
-from streaming.contracts import Reference
 
 JPEG = b"\xff\xd8\xff" + b"x" * 32
 
@@ -171,34 +171,6 @@ def test_a_cursor_of_another_folder_is_refused(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ feed
-
-
-class Acked:
-    def __init__(self, ok: bool) -> None:
-        self.ok = ok
-
-    def succeeded(self) -> bool:
-        return self.ok
-
-
-class FakePublisher:
-    """Acknowledges everything, or fails the flush after acknowledging the first `ack_only` sends."""
-
-    def __init__(self, ack_only: int | None = None) -> None:
-        self.sent: list[Reference] = []
-        self.ack_only = ack_only
-        self._batch: list[Acked] = []
-
-    def send(self, ref: Reference) -> Acked:
-        self.sent.append(ref)
-        ack = Acked(self.ack_only is None or len(self.sent) <= self.ack_only)
-        self._batch.append(ack)
-        return ack
-
-    def flush(self) -> None:
-        batch, self._batch = self._batch, []
-        if not all(a.ok for a in batch):
-            raise RuntimeError("not acknowledged")
 
 
 def names(publisher: FakePublisher) -> list[str]:
