@@ -25,6 +25,7 @@ import enum
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -34,11 +35,14 @@ from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import requests
+import requests.adapters
+import urllib3
+import urllib3.connection
 
 from producers.publish import Publisher, ReferencePublisher
 from producers.state import StateError, read_json, state_file, write_atomic
 from streaming.contracts import Reference, now_utc, rfc3339
-from streaming.fetch import host_allowed
+from streaming.fetch import Watchdog, host_allowed
 from streaming.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -299,10 +303,52 @@ def warn_unless_allowed(dicomweb_root: str, allowed_hosts: Sequence[str]) -> boo
     return False
 
 
+_request_deadline = threading.local()
+
+
+class _DeadlineArmed:
+    """Arms `streaming.fetch.Watchdog` on the socket of each request sent while a deadline is set on this
+    thread (`PacsHttp.get_json` sets it): the watchdog shuts the socket down when the time is up, which wakes
+    a read stuck on a server that drips its headers or body a byte at a time."""
+
+    sock: Any
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        super().request(*args, **kwargs)  # type: ignore[misc]
+        end = getattr(_request_deadline, "end", None)
+        if end is not None and self.sock is not None:
+            _request_deadline.watchdog = Watchdog(self.sock, end)
+
+
+class _HTTPConnection(_DeadlineArmed, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineArmed, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
 def http_session(settings: Settings) -> requests.Session:
-    """A session carrying the configured credentials, and nothing from the environment (no proxies, no .netrc)."""
+    """A session carrying the configured credentials, and nothing from the environment (no proxies, no .netrc),
+    whose requests `PacsHttp` can bound as a whole."""
     session = requests.Session()
     session.trust_env = False
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, _DeadlineAdapter())
     authorization = settings.dicomweb_authorization()
     if authorization is not None:
         session.headers["Authorization"] = authorization
@@ -317,7 +363,8 @@ class PacsHttp:
     """GETs of JSON with a timeout, no redirects, and failures sorted into retry / skip / stop.
 
     `timeout_s` bounds the whole request, body included: `requests`' own timeout bounds each read only, so a
-    server dripping a byte at a time would otherwise hold the feed forever. Answers are capped in size too."""
+    server dripping a byte at a time would otherwise hold the feed forever; a session from `http_session`
+    arms a watchdog for that. Answers are capped in size too."""
 
     def __init__(self, session: requests.Session, timeout_s: float, max_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.session = session
@@ -326,7 +373,18 @@ class PacsHttp:
 
     def get_json(self, url: str, params: Mapping[str, Any] | None = None, *, accept: str = "application/json") -> Any:
         """The decoded JSON body; None for 204 (a QIDO-RS search without matches)."""
-        end = time.monotonic() + self.timeout_s
+        _request_deadline.end = time.monotonic() + self.timeout_s
+        try:
+            return self._get_json(url, params, accept)
+        finally:
+            watchdog = getattr(_request_deadline, "watchdog", None)
+            _request_deadline.end = _request_deadline.watchdog = None
+            if watchdog is not None:
+                watchdog.close()
+                if watchdog.fired.is_set():
+                    raise PacsUnavailable(f"the answer took longer than {self.timeout_s:g} s") from None
+
+    def _get_json(self, url: str, params: Mapping[str, Any] | None, accept: str) -> Any:
         try:
             response = self.session.get(
                 url,
@@ -340,7 +398,7 @@ class PacsHttp:
                 self._check_status(response)
                 if response.status_code == 204:
                     return None
-                body = self._read(response, end)
+                body = self._read(response)
         except requests.Timeout:
             raise PacsUnavailable(f"no answer within {self.timeout_s:g} s") from None
         except requests.RequestException as exc:  # refused, reset, DNS: its text quotes the URL, so not kept
@@ -350,16 +408,14 @@ class PacsHttp:
         except ValueError:
             raise PacsUnavailable("an answer that is not JSON", answered=True) from None
 
-    def _read(self, response: requests.Response, end: float) -> bytes:
-        """The body, within the time left and the size cap."""
+    def _read(self, response: requests.Response) -> bytes:
+        """The body, within the size cap."""
         chunks: list[bytes] = []
         size = 0
         for chunk in response.iter_content(chunk_size=64 * 1024):
             size += len(chunk)
             if size > self.max_bytes:
                 raise PacsUnavailable(f"an answer larger than {self.max_bytes} bytes", answered=True)
-            if time.monotonic() > end:
-                raise PacsUnavailable(f"the answer took longer than {self.timeout_s:g} s", answered=True)
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -594,7 +594,7 @@ def _connect(addresses: list[tuple[int, _SockAddr]], end: float) -> tuple[socket
     raise last or ConnectionError("no address to connect to")
 
 
-class _Watchdog:
+class Watchdog:
     """Shuts a connection down when its time is up, waking a read that a dripping server keeps alive.
 
     The socket timeout bounds each read; this bounds them all, including those inside `http.client`
@@ -904,10 +904,10 @@ def _exchange(
     reused = isinstance(via, _PinnedConnection)
     raw = via.sock if isinstance(via, _PinnedConnection) else via
     connection = via if isinstance(via, _PinnedConnection) else None
-    watchdog: _Watchdog | None = None
+    watchdog: Watchdog | None = None
     answer: _Answer | None = None
     try:
-        watchdog = _Watchdog(raw, end)
+        watchdog = Watchdog(raw, end)
         if connection is None:
             assert key is not None and isinstance(raw, socket.socket)
             raw.settimeout(_time_left(end, "the TLS handshake"))

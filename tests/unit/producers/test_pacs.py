@@ -427,3 +427,43 @@ def test_the_cursor_moves_only_after_kafka_acknowledged() -> None:
     nothing = FakePublisher()
     assert publish_then_commit(nothing, [], lambda: commits.append(3)) == 0
     assert nothing.flushes == 0 and commits == [1, 3]  # skipped changes still move the cursor
+
+
+# ------------------------------------------------------------------------------- a PACS that drips its answer
+
+
+@pytest.mark.parametrize("stage", ["headers", "body"])
+def test_a_pacs_dripping_its_answer_is_cut_off_at_the_request_timeout(stage: str) -> None:
+    """`requests`' timeout bounds each read; a server sending one byte every 0.2 s would hold the feed for ever
+    without the watchdog that `http_session` arms."""
+    import socket
+    import threading
+
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    if stage == "headers":
+        answer = head + b"X-Slow: " + b"a" * 200
+    else:
+        answer = head + b"Content-Length: 200\r\n\r\n" + b" " * 200
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def drip() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            start = answer.index(b"\r\n\r\n") + 4 if stage == "body" else len(head)
+            conn.sendall(answer[:start])
+            for byte in answer[start:]:
+                try:
+                    conn.send(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    threading.Thread(target=drip, daemon=True).start()
+    http = PacsHttp(http_session(Settings.load()), 1.0)
+    started = time.monotonic()
+    with pytest.raises(PacsUnavailable, match="took longer than 1 s"):
+        http.get_json(f"http://127.0.0.1:{port}/changes")
+    assert time.monotonic() - started < 3.0
+    server.close()
