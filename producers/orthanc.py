@@ -145,7 +145,6 @@ class OrthancFeed(PacsFeed[int]):
             backoff=backoff,
         )
         self.page_size = page_size
-        self._warned_behind = False
 
     def parse_cursor(self, body: dict[str, Any]) -> int:
         return cursor_seq(self.store, body)
@@ -169,16 +168,18 @@ class OrthancFeed(PacsFeed[int]):
         since = self.cursor
         page = self._changes({"since": since, "limit": self.page_size}, parse_changes)
         if not page.changes:
-            if page.last < since and not self._warned_behind:
-                self._warned_behind = True
+            if page.last < since:
+                # Orthanc numbers changes afresh after its database was replaced or reset: waiting for it to
+                # pass the old cursor would skip every image stored until then. Follow the new feed from its
+                # start; images announced before keep their event ids, so consumers drop the repeats.
                 log.warning(
-                    "Orthanc's last change is %d, before this cursor (%d): was its database replaced or reset? "
-                    "Nothing will be announced until it passes %d; remove %s to start over",
+                    "Orthanc's last change is %d, before this cursor (%d): its database was replaced or reset; "
+                    "following its change feed from the start",
                     page.last,
                     since,
-                    since,
-                    self.store.path,
                 )
+                self.cursor = 0
+                return False
             return page.done
         refs: list[Reference] = []
         tally = Tally()

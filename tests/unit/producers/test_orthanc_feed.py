@@ -374,19 +374,6 @@ def test_run_follows_until_stopped_and_sleeps_between_polls(tmp_path: Path) -> N
     assert 4 <= polls <= 20  # caught up: one request per interval, not a busy loop
 
 
-def test_a_cursor_ahead_of_orthanc_is_warned_about_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    server = FakeOrthanc()
-    feed = make_feed(server, tmp_path)
-    feed.store.save({"last_seq": 50})
-    server.store(tags(1))
-    feed.load()
-    feed.begin("now")
-    with caplog.at_level(logging.WARNING, "producers.orthanc"):
-        assert feed.step(FakePublisher()) and feed.step(FakePublisher())
-    assert caplog.text.count("before this cursor") == 1
-    assert saved_seq(feed) == 50
-
-
 def test_logs_carry_counts_never_patient_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     server = FakeOrthanc()
     server.store(tags(1))
@@ -512,3 +499,25 @@ def test_an_instance_orthanc_keeps_failing_on_is_skipped_not_waited_for_forever(
     assert sops(publisher) == [uids(1)[2], uids(3)[2]]
     assert feed.tally.unusable == 1 and saved_seq(feed) == server.last
     assert "skipping it" in caplog.text and broken not in caplog.text
+
+
+def test_an_orthanc_whose_database_was_reset_is_followed_from_its_new_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Restarting on old state: Orthanc numbers its changes afresh after its database was replaced, so a cursor
+    ahead of its last change must not wait for it to catch up (every image stored meanwhile would be lost)."""
+    before = FakeOrthanc()
+    for n in (1, 2, 3):
+        before.store(tags(n))
+    first = FakePublisher()
+    drain(make_feed(before, tmp_path), first, "start")
+    restored = FakeOrthanc()  # the same URL, a new database: instance 2 restored from a backup, 4 is new
+    restored.store(tags(2))
+    restored.store(tags(4))
+    again = FakePublisher()
+    with caplog.at_level(logging.WARNING):
+        drain(make_feed(restored, tmp_path), again)
+    assert "database was replaced or reset" in caplog.text
+    assert sops(again) == [uids(2)[2], uids(4)[2]]
+    repeated = {ref.sop_instance_uid: ref.event_id for ref in first.sent}
+    assert again.sent[0].event_id == repeated[uids(2)[2]]  # a repeat under the id it had: consumers drop it
