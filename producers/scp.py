@@ -103,7 +103,7 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
 # Bounds of the DICOM side (the pynetdicom defaults are unbounded or very long for some of these).
-ACSE_TIMEOUT_S = 30.0  # association negotiation and release
+ACSE_TIMEOUT_S = 10.0  # association negotiation and release (a modality asks at once)
 DIMSE_TIMEOUT_S = 60.0  # waiting for a DIMSE message once associated
 NETWORK_TIMEOUT_S = 60.0  # an idle association is aborted after this
 MAX_ASSOCIATIONS = 8
@@ -200,18 +200,25 @@ def normalise_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
     return ip
 
 
+def _calls_from(caller: Caller, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+    if caller.network is None:
+        return True
+    return ip is not None and ip.version == caller.network.version and ip in caller.network
+
+
 def caller_allowed(callers: Sequence[Caller], ae_title: str, address: str) -> bool:
     """Whether a calling AE title (case-sensitive, surrounding spaces ignored) may call from `address`."""
     title = ae_title.strip()
     ip = normalise_address(address)
-    for caller in callers:
-        if caller.ae_title != title:
-            continue
-        if caller.network is None:
-            return True
-        if ip is not None and ip.version == caller.network.version and ip in caller.network:
-            return True
-    return False
+    return any(caller.ae_title == title and _calls_from(caller, ip) for caller in callers)
+
+
+def address_may_call(callers: Sequence[Caller], address: str) -> bool:
+    """Whether any allowed caller may call from `address`. Checked when the TCP connection is accepted, before
+    any DICOM is read: a stranger's idle connections would otherwise hold association slots until the ACSE
+    timeout, keeping the modalities out."""
+    ip = normalise_address(address)
+    return any(_calls_from(caller, ip) for caller in callers)
 
 
 class Refusal(NamedTuple):
@@ -581,6 +588,8 @@ def serve(settings: Settings, *, stop: Callable[[], bool], publisher: Publisher 
         (evt.EVT_C_STORE, receiver.handle_store),
     ]
     server = ae.start_server((BIND_ADDRESS, settings.scp_port), block=False, evt_handlers=handlers)
+    # socketserver closes a connection this refuses at once; an AE title without an address allows any.
+    server.verify_request = lambda request, client: address_may_call(callers, client[0])
     log.info(
         "C-STORE receiver %s listening on port %d; storing in %s; %d caller(s) allowed: %s",
         settings.scp_ae_title,

@@ -31,6 +31,7 @@ from producers.scp import (
     InvalidInstance,
     Receiver,
     ScpConfigError,
+    address_may_call,
     association_refusal,
     caller_allowed,
     event_id_for,
@@ -100,6 +101,16 @@ def test_caller_matching_by_ae_title_and_address() -> None:
     assert not caller_allowed(callers, "STRANGER", "127.0.0.1")
     assert not caller_allowed(callers, "MODALITY", "not an address")
     assert not caller_allowed((), "MODALITY", "127.0.0.1")  # an empty list refuses everyone
+
+
+def test_connections_from_addresses_no_caller_may_use_are_closed_before_any_dicom() -> None:
+    """A stranger's idle TCP connections would hold association slots until the ACSE timeout."""
+    bound = parse_callers(["MODALITY@127.0.0.1", "WARD@10.1.2.0/24"])
+    assert address_may_call(bound, "127.0.0.1") and address_may_call(bound, "10.1.2.9")
+    assert address_may_call(bound, "::ffff:10.1.2.9")
+    assert not address_may_call(bound, "192.0.2.1")
+    assert not address_may_call(parse_callers([]), "127.0.0.1")
+    assert address_may_call(parse_callers(["ANY_ADDR", "MODALITY@127.0.0.1"]), "192.0.2.1")  # no address named
 
 
 def refusal(**overrides: Any) -> Any:
