@@ -96,8 +96,10 @@ _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
-def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Popen from one thread that lives as long as the process.
+def spawn_tied(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Popen of a child that the kernel kills (SIGKILL) when this process dies, however it dies: an embedded
+    broker or PACS must not outlive a `cxr demo` killed with -9 and keep its ports. The fork happens on one
+    thread that lives as long as the process.
 
     The kernel sends PR_SET_PDEATHSIG when the *thread* that forked the child ends, not the process: a broker
     started from a short-lived thread (a timer that brings it back after an outage) would be killed as soon
@@ -373,7 +375,7 @@ class EmbeddedBroker:
         config = self._write_config()
         self._format_storage(config)
         stdout = (self.workdir / "broker.stdout").open("ab")
-        self._process = _spawn(
+        self._process = spawn_tied(
             self._java("kafka.Kafka", str(config)),
             stdout=stdout,
             stderr=subprocess.STDOUT,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -83,6 +84,7 @@ def run_demo(
     broker = EmbeddedBroker(base.jvm_lib_dir, workdir=workdir / "kafka")
     orthanc = EmbeddedOrthanc(workdir / "orthanc") if getattr(args, "pacs", False) else None
     feed_stop = threading.Event()
+    feed: threading.Thread | None = None
     server: MetricsServer | None = None
     job = spark = None
     try:
@@ -128,7 +130,11 @@ def run_demo(
         console.print(f"[bold]Metrics[/] http://127.0.0.1:{server.port}/metrics  (health: /healthz, /readyz)")
 
         if orthanc is not None:
-            sent = _through_orthanc(console, settings, orthanc, scan(samples), feed_stop)
+            feed = _start_orthanc_feed(settings, orthanc, feed_stop)
+            for index, path in enumerate(images := scan(samples)):
+                orthanc.upload(sample_instance(path, index))
+            sent = len(images)
+            console.print(f"stored {sent} chest X-rays in Orthanc; its change feed announces them to Kafka")
         else:
             with ReferencePublisher.for_settings(settings) as publisher:
                 sent = publisher.send_all(references(scan(samples)))
@@ -140,6 +146,8 @@ def run_demo(
         console.print()
         feed_stop.set()
         with console.status("stopping…"):
+            if feed is not None:  # its last flush needs the broker: it stops first
+                feed.join(30)
             if job is not None:
                 job.stop()
             if server is not None:
@@ -147,15 +155,14 @@ def run_demo(
             if spark is not None:
                 spark.stop()
             if orthanc is not None:
-                orthanc.stop()
+                orthanc.close()
             broker.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
         console.print("stopped cleanly")
 
 
-def _through_orthanc(
-    console: Console, settings: Settings, orthanc: EmbeddedOrthanc, images: list[Path], stop: threading.Event
-) -> int:
-    """Start the change-feed follower, then store the samples in Orthanc as DICOM; how many were stored."""
+def _start_orthanc_feed(settings: Settings, orthanc: EmbeddedOrthanc, stop: threading.Event) -> threading.Thread:
+    """The change-feed follower (`cxr produce orthanc`) on a thread of its own, until `stop` is set."""
     from producers.orthanc import follow
 
     def feed() -> None:
@@ -164,11 +171,9 @@ def _through_orthanc(
         except Exception:
             log.exception("the Orthanc follower stopped")
 
-    threading.Thread(target=feed, name="cxr-orthanc-feed", daemon=True).start()
-    for index, path in enumerate(images):
-        orthanc.upload(sample_instance(path, index))
-    console.print(f"stored {len(images)} chest X-rays in Orthanc; its change feed announces them to Kafka")
-    return len(images)
+    thread = threading.Thread(target=feed, name="cxr-orthanc-feed", daemon=True)
+    thread.start()
+    return thread
 
 
 def _follow(

@@ -20,12 +20,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from base64 import b64encode
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from streaming.broker import free_ports
+from streaming.broker import free_ports, spawn_tied
+from streaming.settings import basic_authorization
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -128,9 +128,17 @@ class EmbeddedOrthanc:
             setpriv = shutil.which("setpriv")
             if setpriv is None:
                 raise PacsSetupError("setpriv (util-linux) is needed to run Orthanc unprivileged")
-            command = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command]
+            # Changing the user clears the parent-death signal `spawn_tied` set, so setpriv sets it again.
+            command = [
+                setpriv,
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                "--pdeathsig=KILL",
+                *command,
+            ]
         with (self.home / "orthanc.log").open("ab") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.home)
+            self._process = spawn_tied(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.home)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -154,6 +162,12 @@ class EmbeddedOrthanc:
             self._process.wait(10)
         self._process = None
 
+    def close(self) -> None:
+        """Stop for good: a home this instance made itself (it holds the password) goes too."""
+        self.stop()
+        if self.home != self.workdir:
+            shutil.rmtree(self.home, ignore_errors=True)
+
     def log(self) -> str:
         path = self.home / "orthanc.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -162,8 +176,7 @@ class EmbeddedOrthanc:
 
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str = "") -> bytes:
         request = urllib.request.Request(f"{self.url}{path}", data=body, method=method)
-        token = b64encode(f"{self.username}:{self.password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+        request.add_header("Authorization", basic_authorization(self.username, self.password))
         if content_type:
             request.add_header("Content-Type", content_type)
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -185,9 +198,6 @@ class EmbeddedOrthanc:
             except urllib.error.HTTPError as exc:
                 if exc.code != 404:
                     raise
-
-    def instance_count(self) -> int:
-        return len(self.get("/instances"))
 
     def last_change(self) -> int:
         return int(self.get("/changes?last")["Last"])

@@ -136,8 +136,7 @@ class FetchPolicy:
     #: the most one DICOMweb fetch may take in all (every attempt and every wait between them), whatever
     #: the deadline (`CXR_FETCH_TIMEOUT_S`)
     timeout_s: float = 30.0
-    dicomweb_token: str | None = field(default=None, repr=False)
-    #: a whole `Authorization` header value (HTTP basic or bearer); wins over `dicomweb_token`. Sent only to
+    #: a whole `Authorization` header value (`Settings.dicomweb_authorization`: bearer or HTTP basic). Sent only to
     #: the allow-listed host the reference names (redirects are never followed), never logged, never in a reason
     authorization: str | None = field(default=None, repr=False)
     #: further attempts after one that ends `unavailable` (`CXR_DICOMWEB_RETRIES`; 0 here: one attempt, for
@@ -819,7 +818,7 @@ class _Answer:
 
 def _request_headers(target: DicomwebTarget, policy: FetchPolicy) -> dict[str, str]:
     headers = {"Host": target.netloc, "Accept": _ACCEPT_DICOM}
-    authorization = policy.authorization or (f"Bearer {policy.dicomweb_token}" if policy.dicomweb_token else None)
+    authorization = policy.authorization
     if authorization:
         if not _HEADER_VALUE.fullmatch(authorization):  # http.client would quote the value in its error
             raise FetchError(ErrorCode.FETCH_FAILED, "the configured DICOMweb credentials are not a valid header")

@@ -71,6 +71,11 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+def basic_authorization(username: str, password: str) -> str:
+    """An HTTP basic `Authorization` value (RFC 7617)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
 _JAAS_OPTION = re.compile(r'(\w+)\s*=\s*"((?:[^"\\]|\\.)*)"')
 #: Java client settings whose kafka-python spelling is not just dots → underscores.
 _RENAMED = {
@@ -308,8 +313,7 @@ class Settings(BaseSettings):
             return f"Bearer {self.dicomweb_token.get_secret_value()}"
         if self.dicomweb_username is not None:
             password = self.dicomweb_password.get_secret_value() if self.dicomweb_password else ""
-            pair = f"{self.dicomweb_username}:{password}".encode()
-            return f"Basic {base64.b64encode(pair).decode('ascii')}"
+            return basic_authorization(self.dicomweb_username, password)
         return None
 
     def spark_kafka_options(self) -> dict[str, str]:

@@ -113,7 +113,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
     server = OrthancServer(tmp_path_factory.mktemp("orthanc")).start()
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture(scope="session")

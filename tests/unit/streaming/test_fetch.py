@@ -589,12 +589,12 @@ def test_trailing_slash_instance_path_is_accepted(pacs: FakePacs) -> None:
 
 def test_bearer_token_is_sent_when_configured(pacs: FakePacs) -> None:
     pacs.replies[INSTANCE] = Reply(body=b"abc", headers={"Content-Type": "application/dicom"})
-    fetch(pacs.url(INSTANCE), web_policy(pacs, dicomweb_token="s3cret-token"))
+    fetch(pacs.url(INSTANCE), web_policy(pacs, authorization="Bearer s3cret-token"))
     assert pacs.requests[0][1]["authorization"] == "Bearer s3cret-token"
 
 
 def test_token_is_not_in_the_policy_repr() -> None:
-    assert "s3cret" not in repr(FetchPolicy(dicomweb_token="s3cret"))
+    assert "s3cret" not in repr(FetchPolicy(authorization="Bearer s3cret"))
 
 
 @pytest.mark.parametrize(
