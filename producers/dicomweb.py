@@ -17,9 +17,10 @@ modality whose clock runs years ahead cannot drag the window away from today), a
 study date is before the window and the last poll no longer returned it.
 
 Nothing announced is lost, and a repeat has the same event id: UIDs are recorded only after Kafka
-acknowledged their references, page by page, and the high-water mark moves only after a whole poll, so a
-feed killed mid-poll searches the same window again and announces only what it had not recorded (again, under
-the same event id, when the kill fell between Kafka's acknowledgement and the cursor write). `--from-now` on a
+acknowledged their references (page by page, in memory; the file is written once per modality searched and
+when a poll is cut short), and the high-water mark moves only after a whole poll, so a feed killed mid-poll
+searches the same window again and announces only what it had not recorded (again, under the same event id,
+what Kafka had acknowledged since the last cursor write: at most one modality's worth). `--from-now` on a
 first run records what the window holds now as seen and announces none of it; `--from-start` searches without
 a date and announces every chest X-ray the server holds. An existing cursor always wins.
 
@@ -43,7 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
@@ -61,22 +62,21 @@ from producers.pacs import (
     PacsUnavailable,
     Stopped,
     Tally,
-    check_url,
+    cursor_store,
     decide,
-    feed_store,
     follow_feed,
     instance_from_dicom_json,
     instance_url,
     prefer,
     publish_then_commit,
+    service_root,
     valid_uid,
 )
-from producers.publish import Acknowledgeable, Publisher
+from producers.publish import Publisher
 from streaming.contracts import Reference
 from streaming.settings import Settings
 
 log = logging.getLogger(__name__)
-CURSOR_SCHEMA = "cxr.dicomweb-cursor/v1"
 #: Matches asked for per QIDO-RS request.
 PAGE_SIZE = 500
 _MOMENT_FORMAT = "%Y-%m-%dT%H:%M:%S"
@@ -214,21 +214,12 @@ class DicomwebCursor:
 # ------------------------------------------------------------------------------------------------------ feed
 
 
-class _RecordOnly:
-    """The publisher of a `--from-now` first poll, which records what is there and sends nothing."""
-
-    def send(self, ref: Reference) -> Acknowledgeable:
-        raise AssertionError("a record-only poll never publishes")
-
-    def flush(self, timeout_s: float | None = None) -> None:
-        pass
-
-
-_RECORD_ONLY = _RecordOnly()
-
-
 class DicomwebFeed(PacsFeed[DicomwebCursor]):
-    """The polling loop, its I/O injected (an HTTP client, a cursor store, a publisher, a clock)."""
+    """The polling loop, its I/O injected (an HTTP client, a cursor store, a publisher, a clock); `root` comes
+    checked (`check_url`)."""
+
+    NAME = "dicomweb"
+    CURSOR_SCHEMA = "cxr.dicomweb-cursor/v1"
 
     def __init__(
         self,
@@ -244,7 +235,7 @@ class DicomwebFeed(PacsFeed[DicomwebCursor]):
         clock: Callable[[], datetime] = datetime.now,
         page_size: int = PAGE_SIZE,
     ) -> None:
-        self.root = check_url(root)
+        self.root = service_root(root)
         super().__init__(
             http,
             store,
@@ -258,6 +249,8 @@ class DicomwebFeed(PacsFeed[DicomwebCursor]):
         self.overlap_s = overlap_s
         self.clock = clock
         self.page_size = page_size
+        #: The cursor in memory holds what the file does not yet (UIDs Kafka acknowledged, a new mark).
+        self._unsaved = False
 
     def parse_cursor(self, body: dict[str, Any]) -> DicomwebCursor:
         return DicomwebCursor.from_body(self.store, body)
@@ -271,8 +264,8 @@ class DicomwebFeed(PacsFeed[DicomwebCursor]):
         if begin == "start":
             return DicomwebCursor()
         cursor = self.cursor = DicomwebCursor(high_water=self.clock().replace(microsecond=0))
-        self.poll(_RECORD_ONLY, announce=False)
-        self.store.save(cursor.to_body())
+        self._unsaved = True  # the mark is saved even when the window is empty
+        self.poll(None)
         log.info(
             "first run: %d instance(s) already there recorded as seen, not announced (--from-now)", len(cursor.seen)
         )
@@ -283,33 +276,34 @@ class DicomwebFeed(PacsFeed[DicomwebCursor]):
         self.poll(publisher)
         return True
 
-    def poll(self, publisher: Publisher, *, announce: bool = True) -> Tally:
-        """One search of the window, every modality and page; then the high-water mark moves and old UIDs go."""
+    def poll(self, publisher: Publisher | None) -> Tally:
+        """One search of the window, every modality and page; then the high-water mark moves and old UIDs go.
+        Without a publisher it records what the window holds as seen and announces nothing (`--from-now`).
+
+        Each page is published, and its UIDs recorded in memory once Kafka acknowledged them; the cursor file is
+        written after each modality and when a poll is cut short (a stop, Kafka failing), not after each page:
+        every write holds all the UIDs remembered, so a first run over a big archive would cost O(N²). A feed
+        killed in between announces again, under the same event ids, at most what one modality brought."""
         cursor = self.cursor
         assert cursor is not None
         start = window_start(cursor.high_water, self.overlap_s)
         returned: set[str] = set()
         moments: list[datetime] = []
         tally = Tally()
-        for modality in sorted(self.chest.modalities):
-            offset = 0
-            while True:
-                matches = self._search(qido_params(modality, start, self.page_size, offset))
-                instances = [instance_from_dicom_json(m) for m in matches]
-                fresh = any(i.sop_instance_uid not in returned for i in instances)
-                self._page(publisher, instances, returned, moments, tally, announce)
-                # The last page is a short one. A longer one, or a full one with nothing this poll has not
-                # already seen, is a server that ignores limit or offset: paging on would never end.
-                if len(matches) != self.page_size or not fresh:
-                    break
-                offset += len(matches)
+        try:
+            for modality in sorted(self.chest.modalities):
+                self._modality(publisher, modality, start, returned, moments, tally)
+                self._save()
+        except BaseException:
+            self._save()  # what Kafka acknowledged before the poll was cut short stays recorded
+            raise
         moved = cursor.advance(moments, self.clock())
         dropped = cursor.forget(window_start(cursor.high_water, self.overlap_s), returned)
-        if moved or dropped:
-            self.store.save(cursor.to_body())
+        self._unsaved = self._unsaved or moved or dropped > 0
+        self._save()
         news = tally.published + tally.not_chest + tally.gone
         log.log(
-            logging.INFO if news and announce else logging.DEBUG,
+            logging.INFO if news and publisher is not None else logging.DEBUG,
             "poll: %s (%d published in all; %d instance(s) remembered)",
             tally.summary(),
             self.tally.published,
@@ -317,14 +311,41 @@ class DicomwebFeed(PacsFeed[DicomwebCursor]):
         )
         return tally
 
+    def _modality(
+        self,
+        publisher: Publisher | None,
+        modality: str,
+        start: date | None,
+        returned: set[str],
+        moments: list[datetime],
+        tally: Tally,
+    ) -> None:
+        """Every page of one modality's matches. The last page is a short one; a longer one, or a full one that
+        brings no valid UID this poll has not seen, is a server ignoring limit or offset (or returning junk):
+        paging stops there, so it ends after at most one page per instance the server holds, plus one."""
+        offset = 0
+        while True:
+            matches = self._search(qido_params(modality, start, self.page_size, offset))
+            instances = [instance_from_dicom_json(m) for m in matches]
+            fresh = any(valid_uid(i.sop_instance_uid) and i.sop_instance_uid not in returned for i in instances)
+            self._page(publisher, instances, returned, moments, tally)
+            if len(matches) != self.page_size or not fresh:
+                return
+            offset += len(matches)
+
+    def _save(self) -> None:
+        cursor = self.cursor
+        if self._unsaved and cursor is not None:
+            self.store.save(cursor.to_body())
+            self._unsaved = False
+
     def _page(
         self,
-        publisher: Publisher,
+        publisher: Publisher | None,
         instances: list[Instance],
         returned: set[str],
         moments: list[datetime],
         total: Tally,
-        announce: bool,
     ) -> None:
         """Handle one page of matches; publish what is new, then record it (only once Kafka acknowledged)."""
         cursor = self.cursor
@@ -335,7 +356,7 @@ class DicomwebFeed(PacsFeed[DicomwebCursor]):
         stopped = False
         for instance in instances:
             uid = instance.sop_instance_uid
-            if uid is None or not valid_uid(uid):
+            if not valid_uid(uid):
                 tally.unusable += 1
                 continue
             returned.add(uid)
@@ -344,7 +365,7 @@ class DicomwebFeed(PacsFeed[DicomwebCursor]):
                 moments.append(moment)
             if cursor.knows(uid) or uid in handled:
                 continue
-            if announce:
+            if publisher is not None:
                 try:
                     ref = self._announce(instance, tally)
                 except Stopped:
@@ -357,10 +378,13 @@ class DicomwebFeed(PacsFeed[DicomwebCursor]):
         def commit() -> None:
             for uid, day in handled.items():
                 cursor.record(uid, day)
-            self.store.save(cursor.to_body())
+            self._unsaved = True
 
         if handled:
-            publish_then_commit(publisher, refs, commit)
+            if publisher is None:
+                commit()
+            else:
+                publish_then_commit(publisher, refs, commit)
         self.tally.add(tally)
         total.add(tally)
         if stopped:
@@ -388,20 +412,24 @@ class DicomwebFeed(PacsFeed[DicomwebCursor]):
             return None
         datasets = parse_matches(metadata) if isinstance(metadata, list) else []
         details = instance_from_dicom_json(datasets[0]) if datasets else Instance()
-        return decide(prefer(match, details), self.chest, self.root, tally)
+        # The metadata is the instance's whole header, so it wins; a QIDO-RS match may hold only some
+        # attributes, or trimmed values. The UIDs stay the match's: they are what the cursor records and what
+        # the metadata was read by, so the reference names the very URL that answered.
+        found = replace(
+            details, study_uid=match.study_uid, series_uid=match.series_uid, sop_instance_uid=match.sop_instance_uid
+        )
+        return decide(prefer(found, match), self.chest, self.root, tally)
+
+
+#: The schema of this feed's cursor files.
+CURSOR_SCHEMA = DicomwebFeed.CURSOR_SCHEMA
 
 
 def store_for(settings: Settings, url: str) -> CursorStore:
-    return feed_store(settings, "dicomweb", CURSOR_SCHEMA, url)
+    """The cursor store of the DICOMweb service root `url` under `CXR_STATE_DIR`."""
+    return cursor_store(settings, DicomwebFeed, url)
 
 
 def follow(settings: Settings, url: str, *, begin: str, stop: Callable[[], bool]) -> int:
     """`cxr produce dicomweb`: poll the service root `url` until `stop()`; how many references were published."""
-    return follow_feed(
-        settings,
-        url,
-        begin,
-        stop,
-        ("dicomweb", CURSOR_SCHEMA, DicomwebFeed),
-        overlap_s=settings.dicomweb_poll_overlap_s,
-    )
+    return follow_feed(settings, url, begin, stop, DicomwebFeed, overlap_s=settings.dicomweb_poll_overlap_s)

@@ -27,9 +27,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
+from producers.pacs import tag_text
 from producers.publish import Acknowledgeable, Publisher
 from producers.state import StateError, read_json, state_file, write_atomic
 from streaming.contracts import Reference, now_utc, rfc3339
@@ -40,14 +42,18 @@ Signature = tuple[int, int]
 #: uuid5 namespace of folder-feed event ids; fixed forever, or every file would get a new id.
 EVENT_NAMESPACE = uuid.UUID("d5c35fc3-a3b6-403f-be1b-451e01bc9e1b")
 CURSOR_SCHEMA = "cxr.folder-cursor/v1"
-_DICOM_FIELDS = {
+#: What `read_header` reads: the `producers.pacs.Instance` field → the header keyword it is read from.
+HEADER_FIELDS = {
+    "sop_class_uid": "SOPClassUID",
+    "sop_instance_uid": "SOPInstanceUID",
     "study_uid": "StudyInstanceUID",
     "series_uid": "SeriesInstanceUID",
-    "sop_instance_uid": "SOPInstanceUID",
     "accession": "AccessionNumber",
     "modality": "Modality",
     "view_position": "ViewPosition",
 }
+#: The header fields a folder reference carries.
+_REFERENCE_FIELDS = ("study_uid", "series_uid", "sop_instance_uid", "accession", "modality", "view_position")
 
 
 def image_kind(path: Path) -> str | None:
@@ -66,19 +72,34 @@ def image_kind(path: Path) -> str | None:
     return None
 
 
-def dicom_identifiers(path: Path) -> dict[str, str]:
+class UnreadableHeader(ValueError):
+    """A DICOM header that cannot be read; the message never quotes header values."""
+
+
+def read_header(source: Path | bytes | BinaryIO) -> dict[str, str | None]:
+    """The `HEADER_FIELDS` of a DICOM Part 10 file (a path, its bytes or an open binary file), read without
+    the pixel data: each without DICOM's padding (spaces, NULs), None when absent or empty. Nothing is
+    validated here. `UnreadableHeader` when pydicom cannot read the header."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_DICOM_FIELDS.values()))
-    except Exception:  # unreadable header: the scorer will dead-letter it with the reason
+        ds = pydicom.dcmread(
+            BytesIO(source) if isinstance(source, bytes) else source,
+            stop_before_pixels=True,
+            specific_tags=list(HEADER_FIELDS.values()),
+        )
+        return {name: tag_text(ds.get(keyword)) for name, keyword in HEADER_FIELDS.items()}
+    except Exception:  # pydicom raises many kinds; their messages may quote header values
+        raise UnreadableHeader("the DICOM header cannot be read") from None
+
+
+def dicom_identifiers(path: Path) -> dict[str, str]:
+    """The identifiers a folder reference carries (those the header has); none when it cannot be read."""
+    try:
+        header = read_header(path)
+    except UnreadableHeader:  # the scorer will dead-letter it with the reason
         return {}
-    found = {}
-    for name, keyword in _DICOM_FIELDS.items():
-        value = ds.get(keyword)
-        if value not in (None, ""):
-            found[name] = str(value)
-    return found
+    return {name: value for name in _REFERENCE_FIELDS if (value := header[name]) is not None}
 
 
 def signature_of(path: Path) -> Signature | None:

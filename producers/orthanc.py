@@ -47,11 +47,12 @@ from producers.pacs import (
     Stopped,
     Tally,
     check_url,
+    cursor_store,
     decide,
-    feed_store,
     follow_feed,
     instance_from_simplified_tags,
     publish_then_commit,
+    service_root,
 )
 from producers.publish import Publisher
 from streaming.contracts import Reference
@@ -59,7 +60,6 @@ from streaming.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CURSOR_SCHEMA = "cxr.orthanc-cursor/v1"
 #: Changes asked for per request (Orthanc answers at most 100 at a time anyway).
 PAGE_SIZE = 100
 #: Orthanc's resource ids (a SHA-1 of the DICOM identifiers, as five groups of eight hex digits); anything
@@ -118,7 +118,12 @@ def cursor_seq(store: CursorStore, body: dict[str, Any]) -> int:
 
 
 class OrthancFeed(PacsFeed[int]):
-    """The change-feed follower, its I/O injected (an HTTP client, a cursor store, a publisher) so it is testable."""
+    """The change-feed follower, its I/O injected (an HTTP client, a cursor store, a publisher) so it is testable.
+
+    `url` (Orthanc's REST root) and `dicomweb_root` come checked (`check_url`)."""
+
+    NAME = "orthanc"
+    CURSOR_SCHEMA = "cxr.orthanc-cursor/v1"
 
     def __init__(
         self,
@@ -133,7 +138,7 @@ class OrthancFeed(PacsFeed[int]):
         backoff: Backoff | None = None,
         page_size: int = PAGE_SIZE,
     ) -> None:
-        self.url = check_url(url)
+        self.url = service_root(url)
         super().__init__(
             http,
             store,
@@ -180,7 +185,7 @@ class OrthancFeed(PacsFeed[int]):
                 )
                 self.cursor = 0
                 return False
-            return page.done
+            return True  # nothing new, whatever `Done` says: wait a poll rather than ask again at once
         refs: list[Reference] = []
         tally = Tally()
         handled = since
@@ -206,7 +211,8 @@ class OrthancFeed(PacsFeed[int]):
                 )
         if stopped:
             raise Stopped()
-        return page.done
+        # A page with nothing after the cursor is a broken feed: waiting a poll beats asking again at once.
+        return page.done or handled == since
 
     def _changes(self, params: dict[str, Any], parse: Callable[[Any], T]) -> T:
         """`GET /changes`, retried while Orthanc is away or answers garbage; no change feed there is an error."""
@@ -235,17 +241,16 @@ class OrthancFeed(PacsFeed[int]):
         self.cursor = seq
 
 
+#: The schema of this feed's cursor files.
+CURSOR_SCHEMA = OrthancFeed.CURSOR_SCHEMA
+
+
 def store_for(settings: Settings, url: str) -> CursorStore:
-    return feed_store(settings, "orthanc", CURSOR_SCHEMA, url)
+    """The cursor store of the Orthanc at `url` under `CXR_STATE_DIR`."""
+    return cursor_store(settings, OrthancFeed, url)
 
 
 def follow(settings: Settings, url: str, *, begin: str, stop: Callable[[], bool]) -> int:
     """`cxr produce orthanc`: follow `url`'s change feed until `stop()`; how many references were published."""
-    return follow_feed(
-        settings,
-        url,
-        begin,
-        stop,
-        ("orthanc", CURSOR_SCHEMA, OrthancFeed),
-        dicomweb_root=settings.orthanc_dicomweb_root,
-    )
+    root = settings.orthanc_dicomweb_root
+    return follow_feed(settings, url, begin, stop, OrthancFeed, dicomweb_root=check_url(root) if root else None)

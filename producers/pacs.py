@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -42,7 +42,8 @@ import urllib3.connection
 from producers.publish import Publisher, ReferencePublisher
 from producers.state import StateError, read_json, state_file, write_atomic
 from streaming.contracts import Reference, now_utc, rfc3339
-from streaming.fetch import Watchdog, host_allowed
+from streaming.errors import FetchError
+from streaming.fetch import Watchdog, dicomweb_target
 from streaming.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ _TAGS: dict[str, tuple[str, str]] = {
 }
 
 
-def _text(value: Any) -> str | None:
+def tag_text(value: object) -> str | None:
     """A tag's text, without DICOM's padding (spaces, NULs); None for absent, empty or non-text values."""
     if not isinstance(value, str):
         return None
@@ -102,7 +103,7 @@ def _text(value: Any) -> str | None:
 
 def instance_from_simplified_tags(tags: Mapping[str, Any]) -> Instance:
     """From Orthanc's `GET /instances/{id}/simplified-tags` (keyword → string; sequences and bulk data ignored)."""
-    return Instance(**{name: _text(tags.get(keyword)) for name, (keyword, _) in _TAGS.items()})
+    return Instance(**{name: tag_text(tags.get(keyword)) for name, (keyword, _) in _TAGS.items()})
 
 
 def instance_from_dicom_json(dataset: Mapping[str, Any]) -> Instance:
@@ -111,12 +112,15 @@ def instance_from_dicom_json(dataset: Mapping[str, Any]) -> Instance:
     for name, (_, tag) in _TAGS.items():
         element = dataset.get(tag) or dataset.get(tag.lower())
         values = element.get("Value") if isinstance(element, Mapping) else None
-        found[name] = _text(values[0]) if isinstance(values, list) and values else None
+        found[name] = tag_text(values[0]) if isinstance(values, list) and values else None
     return Instance(**found)
 
 
 def prefer(primary: Instance, fallback: Instance) -> Instance:
-    """`primary`, with the fields it lacks taken from `fallback` (metadata first, the QIDO match second)."""
+    """`primary`, with the fields it lacks taken from `fallback`.
+
+    The DICOMweb feed puts an instance's WADO-RS metadata (its whole header) first and its QIDO-RS match (which
+    may carry only some attributes, or trimmed values) second."""
     return replace(
         primary, **{f.name: getattr(fallback, f.name) for f in fields(Instance) if getattr(primary, f.name) is None}
     )
@@ -149,8 +153,9 @@ class ChestFilter:
 # ------------------------------------------------------------------------------------------------ references
 
 
-def valid_uid(text: str | None) -> bool:
-    return text is not None and len(text) <= _UID_MAX and _UID.fullmatch(text) is not None
+def valid_uid(text: object) -> TypeGuard[str]:
+    """A DICOM UID (digits and dots, at most 64 characters); False for anything else, non-strings included."""
+    return isinstance(text, str) and len(text) <= _UID_MAX and _UID.fullmatch(text) is not None
 
 
 def service_root(url: str) -> str:
@@ -275,32 +280,53 @@ class JsonGetter(Protocol):
 
 
 def check_url(url: str) -> str:
-    """The server URL without trailing slashes; `PacsError` for what cannot be a server root or carries credentials."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PacsError(f"not an http(s) URL of a server: {url!r}")
-    if parts.username is not None or parts.password is not None:
+    """The server URL without trailing slashes; `PacsError` for one the feed cannot ask (not http(s), no host) or
+    must not (credentials, a query or fragment it would append paths to).
+
+    The messages never quote the URL, nor any part of it: whatever it is, it may hold a password."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number up to 65535
+    except ValueError:
+        raise PacsError("the server URL cannot be parsed") from None
+    if "@" in parts.netloc:
         raise PacsError(
             "credentials in the URL are refused (they would end up in logs and process lists): set "
             "CXR_DICOMWEB_USERNAME and CXR_DICOMWEB_PASSWORD, or CXR_DICOMWEB_TOKEN"
         )
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise PacsError("the server URL must start with http:// or https:// and name a host (and a port above 0)")
     if parts.query or parts.fragment:
         raise PacsError("the server URL must not carry a query or a fragment")
     return service_root(url)
 
 
 def warn_unless_allowed(dicomweb_root: str, allowed_hosts: Sequence[str]) -> bool:
-    """Warn (once, at start) when the scorer would refuse the references we publish; True when it would not."""
-    parts = urlsplit(dicomweb_root)
-    if host_allowed(parts.netloc, parts.scheme, tuple(allowed_hosts)):
-        return True
-    log.warning(
-        "%s is not in CXR_DICOMWEB_ALLOWED_HOSTS: the scorer will dead-letter these references as forbidden_uri "
-        "(add %s to it where the scorer runs)",
-        parts.netloc,
-        parts.netloc,
-    )
-    return False
+    """Warn (once, at start) when the scorer would refuse the references we publish; True when it would not.
+
+    Asks the scorer's own check (`streaming.fetch.dicomweb_target`) about a WADO-RS URL under `dicomweb_root`,
+    so whatever it refuses (a host not allowed, an IP spelt non-canonically, a port with a leading zero...)
+    is warned about, with its reason."""
+    try:
+        dicomweb_target(wado_rs_url(dicomweb_root, "1.2", "1.2.3", "1.2.3.4"), tuple(allowed_hosts))
+    except FetchError as exc:
+        log.warning(
+            "the scorer will dead-letter the references to %s as %s (%s); if that host is not in "
+            "CXR_DICOMWEB_ALLOWED_HOSTS where the scorer runs, add it there as the URL spells it",
+            _host(dicomweb_root),
+            exc.code,
+            exc.reason,
+        )
+        return False
+    return True
+
+
+def _host(url: str) -> str:
+    """`host[:port]` of a URL, for a log line: never its credentials."""
+    try:
+        return urlsplit(url).netloc.rpartition("@")[2] or "a URL without a host"
+    except ValueError:
+        return "a URL that cannot be parsed"
 
 
 _request_deadline = threading.local()
@@ -567,7 +593,13 @@ SKIPPED = Skipped.SKIPPED
 class PacsFeed(Generic[C]):
     """The loop both PACS feeds share: start where the cursor (or, on a first run, the flag) says, then step
     until `stop()`, sleeping `poll_interval_s` whenever the server is caught up and retrying with backoff while
-    it is away. A feed says how to read its cursor, where a first run begins, and what one step is."""
+    it is away. A feed says its name and cursor schema, how to read its cursor, where a first run begins, and
+    what one step is. URLs reach it checked (`check_url`, done once by `follow_feed`)."""
+
+    #: The feed's folder under `CXR_STATE_DIR` ("orthanc", "dicomweb").
+    NAME: ClassVar[str]
+    #: The `schema` its cursor files carry.
+    CURSOR_SCHEMA: ClassVar[str]
 
     def __init__(
         self,
@@ -587,13 +619,12 @@ class PacsFeed(Generic[C]):
         #: The server as log lines name it ("Orthanc at http://…"): an address, never patient data.
         self.server = server
         #: The DICOMweb service root the references' WADO-RS URLs start with.
-        self.dicomweb_root = check_url(dicomweb_root)
+        self.dicomweb_root = service_root(dicomweb_root)
         self.poll_interval_s = poll_interval_s
         self.stop = stop
         self.backoff = backoff or Backoff(first_s=poll_interval_s)
         self.tally = Tally()
         self.cursor: C | None = None
-        self.begun = False
 
     # What each feed says.
 
@@ -625,7 +656,6 @@ class PacsFeed(Generic[C]):
         """Where this run starts: an existing cursor always wins; a first run begins as `begin` says."""
         if begin not in ("start", "now"):
             raise ValueError(f"begin must be 'start' or 'now', not {begin!r}")
-        self.begun = True
         if self.cursor is not None:
             log.info(
                 "resuming %s (the cursor %s); --from-start/--from-now only choose where a first run begins, so the "
@@ -639,12 +669,12 @@ class PacsFeed(Generic[C]):
         self.cursor = self.first_run(begin)
         return self.cursor
 
-    def run(self, publisher: Publisher, begin: str = "now") -> int:
-        """Follow the server until `stop()`; returns how many references Kafka acknowledged."""
+    def run(self, publisher: Publisher) -> int:
+        """Follow the server from where `load()` and `begin()` put the cursor until `stop()`; returns how many
+        references Kafka acknowledged."""
+        if self.cursor is None:
+            raise RuntimeError("load() and begin() the feed before it runs")
         try:
-            if not self.begun:
-                self.load()
-                self.begin(begin)
             while not self.stop():
                 if self.step(publisher) and pause(self.poll_interval_s, self.stop):
                     break
@@ -672,9 +702,10 @@ class PacsFeed(Generic[C]):
         return SKIPPED
 
 
-def feed_store(settings: Settings, feed: str, schema: str, url: str) -> CursorStore:
-    """The cursor store of one feed ("orthanc", "dicomweb") and source under `CXR_STATE_DIR`."""
-    return CursorStore.for_source(settings.state_dir, feed, check_url(url), schema)
+def cursor_store(settings: Settings, feed: type[PacsFeed[Any]], url: str) -> CursorStore:
+    """The cursor store of `feed` for the server at `url` (checked here) under `CXR_STATE_DIR`; its `source` is
+    the checked URL."""
+    return CursorStore.for_source(settings.state_dir, feed.NAME, check_url(url), feed.CURSOR_SCHEMA)
 
 
 def follow_feed(
@@ -682,39 +713,38 @@ def follow_feed(
     url: str,
     begin: str,
     stop: Callable[[], bool],
-    feed: tuple[str, str, Callable[..., PacsFeed[Any]]],
+    feed: type[PacsFeed[Any]],
     **options: Any,
 ) -> int:
     """Run a feed as `cxr produce` does: cursor first, "now" fixed before Kafka is reached, then publish.
 
-    `feed` is the feed's name (its folder under `CXR_STATE_DIR`), its cursor schema and its constructor, which
-    gets the HTTP client made here from the settings (credentials, timeout), its cursor store, the chest
-    filter, the poll interval and `stop`; `options` are its own (e.g. the QIDO-RS overlap)."""
-    name, schema, make = feed
-    session = http_session(settings)
-    root = check_url(url)
-    running = make(
-        PacsHttp(session, settings.feed_request_timeout_s),
-        root,
-        feed_store(settings, name, schema, root),
-        ChestFilter.from_settings(settings),
-        poll_interval_s=settings.feed_poll_interval_s,
-        stop=stop,
-        **options,
-    )
-    running.load()  # a corrupt cursor stops us before anything is asked of anyone
-    warn_unless_allowed(running.dicomweb_root, settings.dicomweb_allowed_hosts)
-    log.info("following %s; references to %s", running.server, settings.input_topic)
-    try:
-        with session:
+    `feed` is constructed with the HTTP client made here from the settings (credentials, timeout), the checked
+    URL, its cursor store, the chest filter, the poll interval and `stop`; `options` are its own (e.g. the
+    QIDO-RS overlap)."""
+    store = cursor_store(settings, feed, url)  # the one check of the URL, before anything is asked
+    make: Callable[..., PacsFeed[Any]] = feed  # each feed's constructor takes these, and its own options
+    with http_session(settings) as session:
+        running = make(
+            PacsHttp(session, settings.feed_request_timeout_s),
+            store.source,
+            store,
+            ChestFilter.from_settings(settings),
+            poll_interval_s=settings.feed_poll_interval_s,
+            stop=stop,
+            **options,
+        )
+        running.load()  # a corrupt cursor stops us before anything is asked of anyone
+        warn_unless_allowed(running.dicomweb_root, settings.dicomweb_allowed_hosts)
+        log.info("following %s; references to %s", running.server, settings.input_topic)
+        try:
             running.begin(begin)  # "now" is when the command started, not when Kafka first answered
             with ReferencePublisher.for_settings(settings) as publisher:
-                return running.run(publisher, begin)
-    except Stopped:
-        return 0
-    except KeyboardInterrupt:
-        log.info("stopped: %s", running.tally.summary())
-        return running.tally.published
+                return running.run(publisher)
+        except Stopped:
+            return 0
+        except KeyboardInterrupt:
+            log.info("stopped: %s", running.tally.summary())
+            return running.tally.published
 
 
 def publish_then_commit(publisher: Publisher, refs: Sequence[Reference], commit: Callable[[], None]) -> int:

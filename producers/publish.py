@@ -4,7 +4,9 @@ Nothing is dropped silently. The producer is idempotent with `acks=all` and retr
 (for up to `delivery_timeout_ms`, five minutes unless configured), so a retried send is never written twice;
 `flush` raises `PublishError` unless Kafka acknowledged every reference sent since the last flush; and a
 publisher started before its broker waits for it (bounded, with a log line) instead of failing at once.
-Feeds record a reference as announced only after `flush` returned.
+Feeds record a reference as announced only after `flush` returned. A caller that must answer for one
+reference at a time (the C-STORE receiver, one thread per association) uses `send_and_wait`, which waits for
+that reference's own acknowledgement only, within one deadline.
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ class Publisher(Protocol):
     def flush(self, timeout_s: float | None = None) -> None: ...
 
 
+class WaitingPublisher(Protocol):
+    """What the C-STORE receiver needs of `ReferencePublisher` (tests pass fakes): one reference at a time,
+    `send_and_wait` raising unless that reference was acknowledged in time. (Not part of `Publisher`, which
+    the batch feeds' own stand-ins implement too.)"""
+
+    def send_and_wait(self, ref: Reference, timeout_s: float) -> None: ...
+
+
 class PublishError(RuntimeError):
     """Kafka did not acknowledge references (or could not be reached): they must not be counted as sent."""
 
@@ -95,27 +105,63 @@ class ReferencePublisher:
         self.topic = topic
         config = producer_config(client_config)
         self._delivery_timeout_s = float(config["delivery_timeout_ms"]) / 1000
+        #: How long `send` may block (topic metadata, buffer memory) when Kafka is away: `max_block_ms`.
+        self.max_block_s = float(config["max_block_ms"]) / 1000
         self._lock = threading.Lock()
         self._failures: list[tuple[str, BaseException]] = []
         self._producer = connect(config, connect_timeout_s)
 
     @classmethod
-    def for_settings(cls, settings: Settings, *, connect_timeout_s: float = 120.0) -> ReferencePublisher:
-        """A publisher to the configured input topic, with the configured client settings."""
-        return cls(
-            settings.input_topic,
-            settings.kafka_python_config(KafkaProducer.DEFAULT_CONFIG),
-            connect_timeout_s=connect_timeout_s,
-        )
+    def for_settings(
+        cls,
+        settings: Settings,
+        *,
+        connect_timeout_s: float = 120.0,
+        client_defaults: Mapping[str, Any] | None = None,
+    ) -> ReferencePublisher:
+        """A publisher to the configured input topic, with the configured client settings.
+
+        `client_defaults` (kafka-python spelling, e.g. `{"max_block_ms": 20_000}`) replace `RELIABLE_DEFAULTS`
+        for this publisher; the configured client settings (`CXR_KAFKA__...`) still win over them."""
+        config = {**(client_defaults or {}), **settings.kafka_python_config(KafkaProducer.DEFAULT_CONFIG)}
+        return cls(settings.input_topic, config, connect_timeout_s=connect_timeout_s)
+
+    def _send(self, ref: Reference) -> Any:
+        try:
+            return self._producer.send(self.topic, key=ref.key.encode("utf-8"), value=ref.to_json().encode("utf-8"))
+        except KafkaTimeoutError as exc:
+            raise PublishError(f"Kafka took no reference for {self.topic} in time (is it up?): {exc}") from exc
 
     def send(self, ref: Reference) -> Any:
         """Queue one reference; returns its future (`succeeded()` once acknowledged). `flush` reports failures."""
-        try:
-            future = self._producer.send(self.topic, key=ref.key.encode("utf-8"), value=ref.to_json().encode("utf-8"))
-        except KafkaTimeoutError as exc:
-            raise PublishError(f"Kafka took no reference for {self.topic} in time (is it up?): {exc}") from exc
+        future = self._send(ref)
         future.add_errback(self._failed, ref.event_id)
         return future
+
+    def send_and_wait(self, ref: Reference, timeout_s: float) -> None:
+        """Send one reference and wait for its own acknowledgement; `PublishError` unless Kafka acknowledged it
+        within `timeout_s` of this call.
+
+        Only this reference is waited for: other threads' sends neither delay nor fail it, and its own failure
+        is raised here, not reported again by `flush`. The deadline covers the send too, except that
+        kafka-python's `send` may block for up to `max_block_ms` (`max_block_s`) by itself when Kafka is away,
+        so the call returns within max(`timeout_s`, `max_block_s`) and a little."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            future = self._send(ref)
+        except KafkaError as exc:
+            raise PublishError(f"Kafka took no reference for {self.topic}: {type(exc).__name__}: {exc}") from exc
+        try:
+            future.get(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as exc:
+            if future.is_done:  # Kafka answered, with an error (a record that expired is a KafkaTimeoutError too)
+                raise PublishError(
+                    f"Kafka did not acknowledge the reference on {self.topic} "
+                    f"(event {ref.event_id}: {type(exc).__name__}: {exc})"
+                ) from exc
+            raise PublishError(
+                f"Kafka did not acknowledge the reference on {self.topic} within {timeout_s:g} s (event {ref.event_id})"
+            ) from exc
 
     def _failed(self, event_id: str, exc: BaseException) -> None:
         """Runs on the producer's I/O thread."""

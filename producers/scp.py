@@ -13,7 +13,9 @@ A modality (or a PACS forwarding rule) sends to this receiver's AE title and por
    fall below `CXR_SCP_MIN_FREE_BYTES`, or Kafka that does not acknowledge within `PUBLISH_TIMEOUT_S`
    answers 0xA700 (out of resources), so the modality keeps the instance and sends it again later; a dataset
    whose header cannot be read, or whose UIDs are not UIDs (which could make a path leave the storage),
-   answers 0xC000 (cannot understand: sending the same bytes again would not help).
+   answers 0xC000 (cannot understand: sending the same bytes again would not help). `PUBLISH_TIMEOUT_S` is
+   one deadline per instance, for the send and the acknowledgement together, and only that instance's own
+   acknowledgement is waited for: a failure on another association never fails this one.
 
 Nothing the modality was told was stored is lost, even if the receiver is killed at any moment: the file is
 durable before the reference is sent, the reference acknowledged before the answer. A crash in between makes
@@ -51,7 +53,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,10 +69,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from producers.pacs import ChestFilter, Instance, instance_reference, valid_uid
-from producers.publish import Publisher, PublishError
+from producers.folder import UnreadableHeader, read_header
+from producers.pacs import ChestFilter, Instance, instance_reference, tag_text, valid_uid
+from producers.publish import PublishError, WaitingPublisher
 from producers.state import fsync_dir, write_atomic
 from streaming.contracts import Reference
+from streaming.errors import ErrorCode, FetchError
+from streaming.fetch import FetchPolicy, resolve_file_uri
 from streaming.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,8 +112,9 @@ DIMSE_TIMEOUT_S = 60.0  # waiting for a DIMSE message once associated
 NETWORK_TIMEOUT_S = 60.0  # an idle association is aborted after this
 MAX_ASSOCIATIONS = 8
 MAX_PDU_BYTES = 256 * 1024  # what we announce; 0 would mean unlimited
-#: The longest a C-STORE waits for Kafka's acknowledgement before answering "out of resources": well inside
-#: the 30 to 60 s modalities usually wait for an answer.
+#: The longest a C-STORE waits for Kafka (the send and its acknowledgement together) before answering "out of
+#: resources": well inside the 30 to 60 s modalities usually wait for an answer. Also the producer's
+#: `max_block_ms` unless one is configured (a longer one is warned about at start).
 PUBLISH_TIMEOUT_S = 20.0
 #: How long `serve` lets associations in progress finish after being asked to stop.
 STOP_GRACE_S = 10.0
@@ -117,16 +122,6 @@ BIND_ADDRESS = "0.0.0.0"
 
 #: Optional reference fields longer than this are left out (real ones are at most 16 characters).
 _MAX_TEXT_CHARS = 64
-#: `producers.pacs.Instance` field → the header keyword it is read from.
-_HEADER_TAGS = {
-    "sop_class_uid": "SOPClassUID",
-    "sop_instance_uid": "SOPInstanceUID",
-    "study_uid": "StudyInstanceUID",
-    "series_uid": "SeriesInstanceUID",
-    "accession": "AccessionNumber",
-    "modality": "Modality",
-    "view_position": "ViewPosition",
-}
 _FREE_TEXT = ("accession", "modality", "view_position")
 
 
@@ -260,39 +255,39 @@ def association_refusal(
 # ------------------------------------------------------------------------------------------------- storage
 
 
-def is_uid(value: object) -> bool:
-    """Digits and dots, at most 64 characters, no empty component: safe as a file name whatever it came from."""
-    return isinstance(value, str) and valid_uid(value)
-
-
 def storage_root(settings: Settings) -> Path:
     """`scp_storage`, created and resolved; `ScpConfigError` unless it lies inside `allowed_roots`.
 
     The scorer reads `file://` references only from the allowed roots, so storage elsewhere would make every
     announcement a `forbidden_uri` dead letter: refuse to start instead."""
-    storage = Path(os.path.expanduser(settings.scp_storage))
-    roots = [Path(os.path.expanduser(root)).resolve() for root in settings.allowed_roots]
+    storage = Path(os.path.expanduser(settings.scp_storage)).absolute()
+    # The scorer's own test (`Settings` resolved the roots already), on the URI the references will carry.
+    policy = FetchPolicy(allowed_roots=tuple(settings.allowed_roots))
 
-    def check(resolved: Path) -> Path:
-        if not any(resolved.is_relative_to(root) for root in roots):
+    def check() -> Path:
+        try:
+            return resolve_file_uri(storage.as_uri(), policy)
+        except FetchError as exc:
+            if exc.code is not ErrorCode.FORBIDDEN_URI:
+                raise ScpConfigError(f"the storage folder {storage} (CXR_SCP_STORAGE, --storage): {exc}") from None
             raise ScpConfigError(
-                f"the storage folder {resolved} (CXR_SCP_STORAGE, --storage) is not inside CXR_ALLOWED_ROOTS "
-                f"({', '.join(map(str, roots)) or 'none'}): the scorer could not read what the receiver stores"
-            )
-        return resolved
+                f"the storage folder {storage.resolve()} (CXR_SCP_STORAGE, --storage) is not inside "
+                f"CXR_ALLOWED_ROOTS ({', '.join(map(str, policy.allowed_roots)) or 'none'}): the scorer could not "
+                "read what the receiver stores"
+            ) from None
 
-    check(storage.resolve())  # before creating anything
+    check()  # before creating anything
     try:
         storage.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ScpConfigError(f"cannot create the storage folder {storage}: {exc.strerror}") from None
-    return check(storage.resolve(strict=True))
+    return check()  # again, now that it exists (a symbolic link followed)
 
 
 def instance_path(storage: Path, study_uid: str | None, series_uid: str | None, sop_instance_uid: str | None) -> Path:
     """`storage/<study>/<series>/<sop>.dcm`; `InvalidInstance` unless all three are UID-shaped."""
     for what, uid in (("study", study_uid), ("series", series_uid), ("SOP instance", sop_instance_uid)):
-        if not is_uid(uid):
+        if not valid_uid(uid):
             raise InvalidInstance(f"the {what} UID is missing or not a UID (digits and dots, at most 64)")
     return storage / str(study_uid) / str(series_uid) / f"{sop_instance_uid}.dcm"
 
@@ -320,35 +315,20 @@ def write_instance(storage: Path, path: Path, data: bytes) -> None:
 # ----------------------------------------------------------------------------------------------- instances
 
 
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip().strip("\x00").strip()
-    return text or None
-
-
 def read_instance(data: bytes) -> Instance:
-    """The header of a Part 10 file (pixel data is not read), as the PACS feeds see an instance;
-    `InvalidInstance` when it cannot be read or names no valid SOP class."""
-    import pydicom
-
+    """The header of a Part 10 file (pixel data is not read; `producers.folder.read_header`), as the PACS
+    feeds see an instance; `InvalidInstance` when it cannot be read or names no valid SOP class."""
     try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS.values()))
-        values = {name: _text(ds.get(keyword)) for name, keyword in _HEADER_TAGS.items()}
-    except Exception:  # pydicom raises many kinds; their messages may quote header values
+        values = read_header(data)
+    except UnreadableHeader:
         raise InvalidInstance("the dataset's header cannot be read") from None
-    if not is_uid(values["sop_class_uid"]):
+    if not valid_uid(values["sop_class_uid"]):
         raise InvalidInstance("the SOP class UID is missing or not a UID")
     for name in _FREE_TEXT:  # real ones are short; a hostile one must not make the reference unparseable
         value = values[name]
         if value is not None and len(value) > _MAX_TEXT_CHARS:
             values[name] = None
     return Instance(**values)
-
-
-def is_chest(instance: Instance, settings: Settings) -> bool:
-    """A chest X-ray, by the same rule as the PACS feeds (`producers.pacs.ChestFilter`)."""
-    return ChestFilter.from_settings(settings).admits(instance)
 
 
 def event_id_for(sop_instance_uid: str, data: bytes) -> str:
@@ -385,13 +365,17 @@ class Counts:
 
 
 class Receiver:
-    """Stores and announces instances; the pynetdicom handlers are thin wrappers around `store`."""
+    """Stores and announces instances; the pynetdicom handlers are thin wrappers around `store`.
+
+    `callers` is the parsed `settings.scp_allowed_callers` (`parse_callers`); a chest X-ray is decided by the
+    PACS feeds' rule (`producers.pacs.ChestFilter`, `self.chest`)."""
 
     def __init__(
         self,
         settings: Settings,
         storage: Path,
-        publisher: Publisher,
+        publisher: WaitingPublisher,
+        callers: Sequence[Caller],
         *,
         free_bytes: Callable[[Path], int] = free_bytes_of,
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
@@ -399,7 +383,7 @@ class Receiver:
         self.settings = settings
         self.storage = storage
         self.publisher = publisher
-        self.callers = parse_callers(settings.scp_allowed_callers)
+        self.callers = tuple(callers)
         self.chest = ChestFilter.from_settings(settings)
         self.free_bytes = free_bytes
         self.publish_timeout_s = publish_timeout_s
@@ -458,7 +442,7 @@ class Receiver:
         """EVT_C_STORE: the status for the modality. Never raises (pynetdicom would log the traceback)."""
         try:
             data = event.encoded_dataset(include_meta=True)
-            affected = _text(getattr(event.request, "AffectedSOPInstanceUID", None))
+            affected = tag_text(getattr(event.request, "AffectedSOPInstanceUID", None))
         except Exception as exc:
             log.error("could not read a received dataset (%s)", type(exc).__name__)
             self._count("refused")
@@ -507,19 +491,14 @@ class Receiver:
             return SUCCESS
 
         reference = reference_for(instance, path, data)
-        try:
-            future = self.publisher.send(reference)
-            self.publisher.flush(timeout_s=self.publish_timeout_s)
-            acknowledged = bool(future.succeeded())
+        try:  # one deadline for the send and the acknowledgement; only this reference's own is waited for
+            self.publisher.send_and_wait(reference, timeout_s=self.publish_timeout_s)
         except PublishError as exc:
             log.error("Kafka did not acknowledge a reference (%s): answered out of resources", exc)
-            acknowledged = False
+            self._count("refused")
+            return OUT_OF_RESOURCES
         except Exception as exc:
             log.error("could not publish a reference (%s): answered out of resources", type(exc).__name__)
-            acknowledged = False
-        if not acknowledged:
-            # Whatever else this flush reported, this instance counts only once its own send is acknowledged
-            # (another association's flush may have collected our failure).
             self._count("refused")
             return OUT_OF_RESOURCES
         self._count("published")
@@ -554,21 +533,38 @@ def _quiet_pynetdicom() -> None:
 
 
 def _make_publisher(settings: Settings) -> Any:
-    from kafka import KafkaProducer
-
     from producers.publish import ReferencePublisher
 
-    config = settings.kafka_python_config(KafkaProducer.DEFAULT_CONFIG)
-    # A send must not block a C-STORE for minutes when Kafka is away (configured values still win).
-    config.setdefault("max_block_ms", int(PUBLISH_TIMEOUT_S * 1000))
-    return ReferencePublisher(settings.input_topic, config)
+    # A send must not block a C-STORE past its deadline when Kafka is away (a configured value still wins).
+    publisher = ReferencePublisher.for_settings(
+        settings, client_defaults={"max_block_ms": int(PUBLISH_TIMEOUT_S * 1000)}
+    )
+    if publisher.max_block_s > PUBLISH_TIMEOUT_S:
+        log.warning(
+            "the configured Kafka max.block.ms (%.0f s) is longer than the %.0f s a C-STORE waits for Kafka: while "
+            "Kafka is away a modality may wait that long for its answer",
+            publisher.max_block_s,
+            PUBLISH_TIMEOUT_S,
+        )
+    return publisher
 
 
-def serve(settings: Settings, *, stop: Callable[[], bool], publisher: Publisher | None = None) -> int:
+def _bind_error(port: int, exc: OSError) -> ScpConfigError:
+    if exc.errno == errno.EADDRINUSE:
+        why = "the port is in use (another receiver, or another program, listens on it)"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = "permission denied (ports below 1024 need privileges)"
+    else:
+        why = _os_error(exc)
+    return ScpConfigError(f"cannot listen on port {port} (CXR_SCP_PORT, --port): {why}")
+
+
+def serve(settings: Settings, *, stop: Callable[[], bool], publisher: WaitingPublisher | None = None) -> int:
     """Receive until `stop()` is true; the number of references published (acknowledged by Kafka).
 
-    Raises `ScpConfigError` (a configuration to fix) before listening when the storage is outside the
-    allowed roots or a caller entry cannot be read; `PublishError` when Kafka cannot be reached at start."""
+    Raises `ScpConfigError` (a configuration to fix) when the storage is outside the allowed roots or a caller
+    entry cannot be read (before Kafka is contacted), or when the port cannot be bound (in use, privileged);
+    `PublishError` when Kafka cannot be reached at start. The producer made here is closed however it ends."""
     from pynetdicom import evt
 
     from streaming.logs import silence_header_quoters
@@ -581,32 +577,39 @@ def serve(settings: Settings, *, stop: Callable[[], bool], publisher: Publisher 
         log.warning("CXR_SCP_ALLOWED_CALLERS is empty: every association will be refused")
     own_publisher = publisher is None
     active_publisher: Any = _make_publisher(settings) if publisher is None else publisher
-    receiver = Receiver(settings, storage, active_publisher)
-    ae = application_entity(settings)
-    handlers = [
-        (evt.EVT_REQUESTED, receiver.handle_requested),
-        (evt.EVT_C_STORE, receiver.handle_store),
-    ]
-    server = ae.start_server((BIND_ADDRESS, settings.scp_port), block=False, evt_handlers=handlers)
-    # socketserver closes a connection this refuses at once; an AE title without an address allows any.
-    server.verify_request = lambda request, client: address_may_call(callers, client[0])
-    log.info(
-        "C-STORE receiver %s listening on port %d; storing in %s; %d caller(s) allowed: %s",
-        settings.scp_ae_title,
-        settings.scp_port,
-        storage,
-        len(callers),
-        ", ".join(map(str, callers)) or "none",
-    )
+    receiver = Receiver(settings, storage, active_publisher, callers)  # plain assignments: cannot fail
+    ae: Any = None
+    server: Any = None
     try:
+        ae = application_entity(settings)
+        handlers = [
+            (evt.EVT_REQUESTED, receiver.handle_requested),
+            (evt.EVT_C_STORE, receiver.handle_store),
+        ]
+        try:
+            server = ae.start_server((BIND_ADDRESS, settings.scp_port), block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise _bind_error(settings.scp_port, exc) from None
+        # socketserver closes a connection this refuses at once; an AE title without an address allows any.
+        server.verify_request = lambda request, client: address_may_call(callers, client[0])
+        log.info(
+            "C-STORE receiver %s listening on port %d; storing in %s; %d caller(s) allowed: %s",
+            settings.scp_ae_title,
+            settings.scp_port,
+            storage,
+            len(callers),
+            ", ".join(map(str, callers)) or "none",
+        )
         while not stop():
             time.sleep(0.2)
     finally:
-        server.shutdown()  # no new associations
-        deadline = time.monotonic() + STOP_GRACE_S
-        while ae.active_associations and time.monotonic() < deadline:
-            time.sleep(0.1)
-        ae.shutdown()  # aborts what is left: the modality sends those instances again
+        if server is not None:
+            server.shutdown()  # no new associations
+            deadline = time.monotonic() + STOP_GRACE_S
+            while ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.1)
+        if ae is not None:
+            ae.shutdown()  # aborts what is left: the modality sends those instances again
         if own_publisher:
             try:
                 active_publisher.close(timeout_s=PUBLISH_TIMEOUT_S)

@@ -24,9 +24,10 @@ class Ack:
 class FakePublisher:
     """Records what was sent.
 
-    `ack_only`: only the first N sends are acknowledged (a flush after an unacknowledged one raises);
-    `fail_flush`: that flush (1-based) and every later one raises; `flush_error` / `send_error`: what
-    `flush` / `send` raise instead."""
+    `ack_only`: only the first N sends are acknowledged (a flush after an unacknowledged one raises, and so
+    does `send_and_wait` for an unacknowledged one); `fail_flush`: that flush (1-based) and every later one
+    raises; `flush_error` / `send_error`: what `flush` / `send` (and `send_and_wait`) raise instead;
+    `wait_error`: what `send_and_wait` raises after recording the send (Kafka did not answer in time)."""
 
     def __init__(
         self,
@@ -35,12 +36,15 @@ class FakePublisher:
         fail_flush: int | None = None,
         flush_error: Exception | None = None,
         send_error: Exception | None = None,
+        wait_error: Exception | None = None,
     ) -> None:
         self.ack_only, self.fail_flush = ack_only, fail_flush
-        self.flush_error, self.send_error = flush_error, send_error
+        self.flush_error, self.send_error, self.wait_error = flush_error, send_error, wait_error
         self.sent: list[Reference] = []
         self.flushes = 0
         self.flush_timeouts: list[float | None] = []
+        #: `timeout_s` of each `send_and_wait`
+        self.wait_timeouts: list[float] = []
         self._batch: list[Ack] = []
 
     def send(self, ref: Reference) -> Ack:
@@ -61,3 +65,14 @@ class FakePublisher:
             raise PublishError("Kafka did not acknowledge: not acknowledged")
         if not all(ack.ok for ack in batch):
             raise PublishError("Kafka did not acknowledge every reference: not acknowledged")
+
+    def send_and_wait(self, ref: Reference, timeout_s: float) -> None:
+        """Waits for this send's own acknowledgement only: neither flushes nor reports earlier sends."""
+        self.wait_timeouts.append(timeout_s)
+        if self.send_error is not None:
+            raise self.send_error
+        self.sent.append(ref)
+        if self.wait_error is not None:
+            raise self.wait_error
+        if self.ack_only is not None and len(self.sent) > self.ack_only:
+            raise PublishError(f"Kafka did not acknowledge the reference (event {ref.event_id}): not acknowledged")

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -34,49 +31,23 @@ from producers.publish import ReferencePublisher
 from producers.state import state_file
 from streaming.pipeline import ScoringJob
 from streaming.settings import Settings
+from streams import JobProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PATIENT_DATA = ("Doe^Jane", "PID-0042-SECRET")
 
 
-class Follower:
+class Follower(JobProcess):
     """`cxr produce <feed> URL` in its own process group, its output appended to one log file across restarts."""
 
     def __init__(self, feed: str, url: str, env: dict[str, str], log_file: Path) -> None:
-        self.feed, self.url, self.env, self.log_file = feed, url, env, log_file
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(env, log_file)
+        self.command, self.url = ("produce", feed), url
 
     def start(self, *flags: str) -> Follower:
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "streaming.cli", "produce", self.feed, self.url, *flags],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        self.args = (self.url, *flags)
+        super().start()
         return self
-
-    def kill(self) -> None:
-        """SIGKILL: no flush, no cursor write, no goodbye."""
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
-        return int(self.process.returncode)
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
 
 def feed_env(kafka_broker: Any, topics: dict[str, str], state: Path, orthanc: OrthancServer) -> dict[str, str]:

@@ -245,6 +245,15 @@ def test_c_echo_answers(received: Received) -> None:
     assert echo(received.scp.port) == SUCCESS
 
 
+def test_a_second_receiver_on_the_same_port_exits_2_saying_so(received: Received, tmp_path: Path) -> None:
+    env = {**received.scp.env, "CXR_STATE_DIR": str(tmp_path / "state")}
+    second = ScpProcess(env, received.root / "storage", tmp_path / "second.log", port=received.scp.port)
+    JobProcess.start(second)
+    assert second.wait_exit(60) == 2, second.log()  # a configuration to fix, not a crash
+    assert f"cannot listen on port {received.scp.port}" in second.log() and "in use" in second.log()
+    assert echo(received.scp.port) == SUCCESS  # the first one is unharmed
+
+
 def test_callers_that_are_not_allowed_are_refused(received: Received, chest_dicoms: list[ChestDicom]) -> None:
     port = received.scp.port
     calling_not_recognised = (0x01, 0x01, 0x03)

@@ -409,6 +409,75 @@ def test_a_server_that_ignores_paging_is_read_once_per_poll(tmp_path: Path) -> N
         assert len(server.searches()) <= 2 * 2 * 2  # two polls, two modalities, at most two pages each
 
 
+def test_a_server_that_ignores_paging_and_returns_no_usable_uid_ends_the_poll(tmp_path: Path) -> None:
+    """Full pages, whatever the offset, of matches without a SOP instance UID or with an invalid one: they are
+    nothing new, so paging stops (it used to count them as new and page for ever)."""
+
+    class Junk(FakeDicomweb):
+        def get_json(self, url: str, params: dict[str, Any] | None = None, *, accept: str = "") -> Any:
+            if url.endswith("/instances") and params:
+                self.requests.append((url, dict(params)))
+                assert len(self.searches()) <= 10, "paging does not end"
+                missing = {"00080060": element("CS", params["Modality"])}
+                invalid = {**missing, "00080018": element("UI", "not-a-uid")}
+                return [missing, invalid, invalid]
+            return super().get_json(url, params, accept=accept)
+
+    server = Junk()
+    feed = start(make_feed(server, tmp_path, page_size=3), FakePublisher(), "start")
+    publisher = FakePublisher()
+    tally = feed.poll(publisher)
+    assert publisher.sent == [] and tally.unusable == 6
+    assert len(server.searches()) == 2  # one page per modality
+
+
+def test_the_cursor_file_is_written_once_per_modality_not_once_per_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each write holds every UID remembered: one per page made a first run over a big archive quadratic."""
+    server = FakeDicomweb()
+    added = [server.add(i) for i in range(7)] + [server.add(10 + i, modality="CR", sop_class=CR) for i in range(4)]
+    writes: list[dict[str, Any]] = []
+    original = CursorStore.save
+
+    def counting(store: CursorStore, body: dict[str, Any]) -> None:
+        writes.append(dict(body["seen"]))
+        original(store, body)
+
+    monkeypatch.setattr(CursorStore, "save", counting)
+    publisher = FakePublisher()
+    feed = start(make_feed(server, tmp_path, page_size=3), publisher, "start")
+    feed.poll(publisher)
+    assert sops(publisher) == sorted(added) and publisher.flushes == 2 + 3  # still acknowledged page by page
+    assert len(writes) <= 2 + 1  # CR, DX, and the mark at the end of the poll
+    assert set(saved(feed)["seen"]) == set(added)
+    writes.clear()
+    feed.poll(publisher)
+    assert writes == []  # nothing new: nothing written
+
+
+def test_the_metadata_wins_over_the_search_match_but_not_on_the_uids(tmp_path: Path) -> None:
+    class Trimming(FakeDicomweb):
+        """Search matches with a trimmed accession and another modality's spelling; metadata names other UIDs."""
+
+        def get_json(self, url: str, params: dict[str, Any] | None = None, *, accept: str = "") -> Any:
+            answer = super().get_json(url, params, accept=accept)
+            if url.endswith("/instances") and answer:
+                return [{**d, "00080050": element("SH", "ACC"), "00080060": element("CS", "dx")} for d in answer]
+            if url.endswith("/metadata"):
+                return [{**answer[0], "0020000E": element("UI", "9.9.9")}]
+            return answer
+
+    server = Trimming()
+    sop = server.add(1)
+    publisher = FakePublisher()
+    start(make_feed(server, tmp_path), publisher, "start").poll(publisher)
+    (ref,) = publisher.sent
+    assert (ref.accession, ref.modality, ref.view_position) == ("ACC0001", "DX", "AP")
+    assert ref.uri == f"{ROOT}/studies/1.2.826.0.2.1.1/series/1.2.826.0.2.1.2/instances/{sop}"
+    assert ref.series_uid == "1.2.826.0.2.1.2"
+
+
 def test_every_page_is_read(tmp_path: Path) -> None:
     server = FakeDicomweb()
     added = [server.add(i) for i in range(7)]
@@ -514,7 +583,9 @@ def test_run_polls_until_stopped(tmp_path: Path) -> None:
     server.get_json = counting  # type: ignore[method-assign]
     feed = make_feed(server, tmp_path, stop=lambda: polls >= 5)
     publisher = FakePublisher()
-    assert feed.run(publisher, "now") == 1
+    feed.load()
+    feed.begin("now")
+    assert feed.run(publisher) == 1
     assert sops(publisher) == ["1.2.826.0.2.2.3"]
 
 
@@ -591,4 +662,4 @@ def test_a_garbled_answer_is_retried_and_a_url_without_qido_rs_stops_the_feed(tm
             raise InstanceGone()
 
     with pytest.raises(PacsError, match=r"HTTP 404.*DICOMweb service root"):
-        make_feed(NotDicomweb(), tmp_path / "other").run(FakePublisher(), "start")
+        start(make_feed(NotDicomweb(), tmp_path / "other"), FakePublisher(), "start").run(FakePublisher())

@@ -12,7 +12,15 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from producers.folder import FolderWatcher, dicom_identifiers, image_kind, references, scan
+from producers.folder import (
+    FolderWatcher,
+    UnreadableHeader,
+    dicom_identifiers,
+    image_kind,
+    read_header,
+    references,
+    scan,
+)
 from streaming.contracts import parse_reference, parse_timestamp
 from streaming.fetch import FetchPolicy, fetch
 
@@ -158,6 +166,30 @@ def test_unreadable_dicom_header_still_gets_a_reference(tmp_path: Path) -> None:
     assert dicom_identifiers(path) == {}
     (ref,) = references([path])
     assert ref.study_uid is None and ref.uri == path.resolve().as_uri()
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached")
+def test_one_header_reader_for_paths_bytes_and_open_files(tmp_path: Path) -> None:
+    """The folder feed and the C-STORE receiver (`producers.scp.read_instance`) read headers the same way."""
+    path = write_dicom(tmp_path / "a.dcm", StudyInstanceUID="1.2.3", SOPInstanceUID="1.2.3.4", Modality="DX")
+    header = read_header(path)
+    assert header == {
+        "sop_class_uid": DX,
+        "sop_instance_uid": "1.2.3.4",
+        "study_uid": "1.2.3",
+        "series_uid": None,
+        "accession": None,
+        "modality": "DX",
+        "view_position": None,
+    }
+    assert read_header(path.read_bytes()) == header
+    with path.open("rb") as handle:
+        assert read_header(handle) == header
+    for garbage in [b"", b"not DICOM"]:
+        with pytest.raises(UnreadableHeader):
+            read_header(garbage)
+    # pydicom reads a truncated header as an empty one: nothing is validated here (the callers do)
+    assert set(read_header(b"\x00" * 128 + b"DICM" + b"\xff" * 40).values()) == {None}
 
 
 # ---------------------------------------------------------------------------------------------- FolderWatcher

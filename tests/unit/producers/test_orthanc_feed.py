@@ -129,6 +129,13 @@ def drain(feed: OrthancFeed, publisher: FakePublisher, begin: str = "now") -> Or
     return feed
 
 
+def run(feed: OrthancFeed, publisher: FakePublisher, begin: str = "now") -> int:
+    """Start and follow, as `follow` does."""
+    feed.load()
+    feed.begin(begin)
+    return feed.run(publisher)
+
+
 def sops(publisher: FakePublisher) -> list[str | None]:
     return [ref.sop_instance_uid for ref in publisher.sent]
 
@@ -330,7 +337,7 @@ def test_refused_credentials_stop_the_feed(tmp_path: Path) -> None:
             raise PacsError("the server refused our credentials (HTTP 401)")
 
     with pytest.raises(PacsError, match="401"):
-        make_feed(Refusing(), tmp_path).run(FakePublisher())
+        run(make_feed(Refusing(), tmp_path), FakePublisher())
 
 
 def test_a_stop_mid_page_commits_what_was_handled(tmp_path: Path) -> None:
@@ -349,7 +356,7 @@ def test_a_stop_mid_page_commits_what_was_handled(tmp_path: Path) -> None:
     server.on_tags = count
     publisher = FakePublisher()
     feed = make_feed(server, tmp_path, stop=stop)
-    assert feed.run(publisher, "start") == 2
+    assert run(feed, publisher, "start") == 2
     assert sops(publisher) == [uids(0)[2], uids(1)[2]]
     assert saved_seq(feed) == 4  # up to the second instance's series change; the third instance waits
 
@@ -368,10 +375,32 @@ def test_run_follows_until_stopped_and_sleeps_between_polls(tmp_path: Path) -> N
 
     feed = make_feed(server, tmp_path, poll_interval_s=0.05, stop=stop)
     publisher = FakePublisher()
-    assert feed.run(publisher) == 1
+    assert run(feed, publisher) == 1
     assert sops(publisher) == [uids(9)[2]]
     polls = sum(1 for url, params in server.requests if "since" in params)
     assert 4 <= polls <= 20  # caught up: one request per interval, not a busy loop
+
+
+def test_a_broken_change_feed_that_is_never_done_is_asked_once_per_interval(tmp_path: Path) -> None:
+    """Changes at or before the cursor, or none, with `Done: false`: nothing to read, so no busy loop."""
+
+    class NeverDone(FakeOrthanc):
+        def get_json(self, url: str, params: dict[str, Any] | None = None, *, accept: str = "") -> Any:
+            answer = super().get_json(url, params, accept=accept)
+            if "since" in (params or {}):
+                answer = {"Changes": self.changes[:1], "Done": False, "Last": self.last}
+            return answer
+
+    for stored in (0, 1):  # no change at all; one change, already handled
+        server = NeverDone()
+        for i in range(stored):
+            server.store(tags(i))
+        deadline = time.monotonic() + 0.5
+        feed = make_feed(
+            server, tmp_path / str(stored), poll_interval_s=0.05, stop=lambda d=deadline: time.monotonic() > d
+        )
+        assert run(feed, FakePublisher()) == 0
+        assert sum(1 for _, params in server.requests if "since" in params) <= 15
 
 
 def test_logs_carry_counts_never_patient_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -476,7 +505,7 @@ def test_a_garbled_answer_is_retried_and_a_url_without_a_change_feed_stops_the_f
             raise InstanceGone()
 
     with pytest.raises(PacsError, match=r"HTTP 404.*REST root"):
-        make_feed(NotOrthanc(), tmp_path / "other").run(FakePublisher())
+        run(make_feed(NotOrthanc(), tmp_path / "other"), FakePublisher())
 
 
 def test_an_instance_orthanc_keeps_failing_on_is_skipped_not_waited_for_forever(

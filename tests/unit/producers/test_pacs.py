@@ -42,6 +42,7 @@ from producers.pacs import (
     publish_then_commit,
     reference_for,
     retrying,
+    tag_text,
     valid_uid,
     wado_rs_url,
     warn_unless_allowed,
@@ -74,6 +75,12 @@ def chest_instance(**changes: str | None) -> Instance:
 
 
 # ------------------------------------------------------------------------------------------ reading the tags
+
+
+def test_tag_text_is_the_text_without_padding_or_none() -> None:
+    assert tag_text(" DX \x00") == "DX"
+    for nothing in (None, "", " \x00", 7, ["DX"], {"Alphabetic": "Doe^Jane"}, b"DX"):
+        assert tag_text(nothing) is None
 
 
 def test_simplified_tags_give_the_instance_without_padding_sequences_or_pixels() -> None:
@@ -167,6 +174,11 @@ def test_invalid_uids_never_reach_a_url(uid: str | None) -> None:
     assert reference_for(chest_instance(sop_instance_uid=uid), ROOT) is None
 
 
+@pytest.mark.parametrize("value", [12, 1.2, b"1.2", ["1.2"], object()])
+def test_what_is_not_a_string_is_not_a_uid(value: object) -> None:
+    assert valid_uid(value) is False
+
+
 def test_event_ids_are_uuid5_of_the_service_root_and_the_sop_instance_uid() -> None:
     event_id = event_id_for(ROOT, SOP)
     assert uuid.UUID(event_id).version == 5
@@ -214,6 +226,25 @@ def test_server_urls_are_refused_when_they_cannot_be_a_root_or_carry_credentials
     assert "pw" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://cxr:s3cret-pw@pacs.example/x",
+        "http//cxr:s3cret-pw@pacs.example",  # a colon short: no scheme, no host, the password in the path
+        "pacs.example://cxr:s3cret-pw@x",
+        "//cxr:s3cret-pw@pacs.example",
+        "https://cxr:s3cret-pw@pacs.example:8042/dicom-web",
+        "http://cxr:s3cret-pw@[pacs.example",  # cannot even be parsed
+        "https://pacs.example/dicom-web?token=s3cret-pw",
+        "http://pacs.example:s3cret-pw/dicom-web",  # a port that is no number
+    ],
+)
+def test_a_refused_server_url_is_never_quoted(url: str) -> None:
+    with pytest.raises(PacsError) as info:
+        check_url(url)
+    assert "s3cret-pw" not in str(info.value) and "pacs.example" not in str(info.value)
+
+
 def test_a_server_url_loses_its_trailing_slashes() -> None:
     assert check_url("https://pacs.example/dicom-web//") == "https://pacs.example/dicom-web"
 
@@ -225,6 +256,24 @@ def test_a_host_the_scorer_would_refuse_is_warned_about(caplog: pytest.LogCaptur
         assert not caplog.records
         assert not warn_unless_allowed(ROOT, ["pacs.example:80", "other:8042"])
     assert "CXR_DICOMWEB_ALLOWED_HOSTS" in caplog.text and "forbidden_uri" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("root", "allowed", "reason"),
+    [
+        ("http://010.0.0.1:8042/dicom-web", "010.0.0.1:8042", "without leading zeros"),
+        ("http://pacs.example:08042/dicom-web", "pacs.example", "port"),
+        ("http://cxr:s3cret@pacs.example:8042/dicom-web", "pacs.example", "credentials"),
+        ("http://pacs.example:8042/dicom web", "pacs.example", "percent-encoded"),
+    ],
+)
+def test_whatever_the_scorer_refuses_is_warned_about_with_its_reason(
+    caplog: pytest.LogCaptureFixture, root: str, allowed: str, reason: str
+) -> None:
+    """The scorer's own check decides: an allowed host spelt in a way it refuses is warned about too."""
+    with caplog.at_level(logging.WARNING, "producers.pacs"):
+        assert not warn_unless_allowed(root, [allowed])
+    assert reason in caplog.text and "s3cret" not in caplog.text
 
 
 def test_the_session_carries_the_configured_credentials_and_nothing_from_the_environment() -> None:

@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,8 +18,9 @@ import pytest
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from fake_publisher import FakePublisher
-from producers import scp
+from producers import publish, scp
 from producers.pacs import ChestFilter, Instance
+from producers.pacs import valid_uid as is_uid
 from producers.publish import PublishError
 from producers.scp import (
     CALLED_AE_TITLE_NOT_RECOGNISED,
@@ -36,8 +38,6 @@ from producers.scp import (
     caller_allowed,
     event_id_for,
     instance_path,
-    is_chest,
-    is_uid,
     parse_caller,
     parse_callers,
     read_instance,
@@ -325,18 +325,19 @@ def test_the_header_is_read_without_the_pixels() -> None:
             read_instance(garbage)
 
 
-def test_the_chest_decision_is_the_pacs_feeds_one() -> None:
-    settings = Settings.load(chest_modalities=["CR", "DX"], chest_sop_classes=["1.2.840.10008.5.1.4.1.1.1", DX])
+def test_the_chest_decision_is_the_pacs_feeds_one(tmp_path: Path) -> None:
+    chest = {"chest_modalities": ["CR", "DX"], "chest_sop_classes": ["1.2.840.10008.5.1.4.1.1.1", DX]}
+    receiver, _ = make_receiver(tmp_path, **chest)
+    assert receiver.chest == ChestFilter.from_settings(Settings.load(**chest))
 
     def decide(sop_class: str, modality: str | None) -> bool:
-        return is_chest(Instance(sop_class_uid=sop_class, modality=modality), settings)
+        return receiver.chest.admits(Instance(sop_class_uid=sop_class, modality=modality))
 
     assert decide(DX, "DX") and decide("1.2.840.10008.5.1.4.1.1.1", "CR") and decide(DX, "dx")
     assert not decide(CT, "CT")
     assert not decide(CT, "DX")  # a CT slice mislabelled DX is still a CT slice
     assert not decide(DX, "MG")
     assert not decide(DX, None)  # as producers.pacs decides: both must say chest
-    assert decide(DX, "DX") == ChestFilter.from_settings(settings).admits(Instance(sop_class_uid=DX, modality="DX"))
 
 
 def test_event_ids_repeat_for_the_same_bytes_only() -> None:
@@ -360,7 +361,9 @@ def make_receiver(tmp_path: Path, publisher: FakePublisher | None = None, **over
         }
     )
     storage = storage_root(settings)
-    return Receiver(settings, storage, publisher or FakePublisher()), storage
+    return Receiver(
+        settings, storage, publisher or FakePublisher(), parse_callers(settings.scp_allowed_callers)
+    ), storage
 
 
 def stored_files(storage: Path) -> list[Path]:
@@ -386,7 +389,8 @@ def test_an_instance_is_stored_byte_for_byte_then_announced(tmp_path: Path) -> N
     )
     assert (ref.accession, ref.modality, ref.view_position) == ("ACC0042", "DX", "PA")
     assert ref.event_id == event_id_for(str(instance.sop_instance_uid), data) and ref.sent_at
-    assert publisher.flush_timeouts == [scp.PUBLISH_TIMEOUT_S]  # bounded: the modality is waiting
+    # one deadline, for this reference's own acknowledgement only: the modality is waiting
+    assert publisher.wait_timeouts == [scp.PUBLISH_TIMEOUT_S] and publisher.flushes == 0
     assert receiver.published == 1
     # the modality sends it again (it never heard our answer): same file, same event id
     assert receiver.store(data) == SUCCESS
@@ -396,12 +400,12 @@ def test_an_instance_is_stored_byte_for_byte_then_announced(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     "publisher",
     [
-        FakePublisher(flush_error=PublishError("Kafka did not acknowledge every reference within 20 s")),
-        FakePublisher(ack_only=0),  # flush passed, but this very reference was not acknowledged
+        FakePublisher(wait_error=PublishError("Kafka did not acknowledge the reference within 20 s")),
+        FakePublisher(ack_only=0),  # Kafka answered, with an error for this very reference
         FakePublisher(send_error=PublishError("Kafka took no reference in time")),
         FakePublisher(send_error=RuntimeError("something unforeseen")),
     ],
-    ids=["flush-fails", "not-acknowledged", "send-fails", "unexpected"],
+    ids=["times-out", "not-acknowledged", "send-fails", "unexpected"],
 )
 def test_kafka_failures_answer_out_of_resources_and_count_nothing(tmp_path: Path, publisher: FakePublisher) -> None:
     receiver, storage = make_receiver(tmp_path, publisher)
@@ -487,7 +491,7 @@ def test_no_patient_data_reaches_the_log(tmp_path: Path, caplog: pytest.LogCaptu
     secrets: list[str] = [PATIENT_NAME, PATIENT_ID, "ACC0042"]
     for publisher, data in [
         (FakePublisher(), dataset_bytes()),
-        (FakePublisher(flush_error=PublishError("Kafka did not acknowledge")), dataset_bytes()),
+        (FakePublisher(wait_error=PublishError("Kafka did not acknowledge")), dataset_bytes()),
         (FakePublisher(), dataset_bytes(study="../../x")),
         (FakePublisher(), dataset_bytes(sop_class=CT, modality="CT")),
     ]:
@@ -499,3 +503,46 @@ def test_no_patient_data_reaches_the_log(tmp_path: Path, caplog: pytest.LogCaptu
     assert caplog.records, "the receiver says what it did"
     for secret in secrets:
         assert secret not in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------- serve
+
+
+class ClosingPublisher(FakePublisher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed: list[float | None] = []
+
+    def close(self, timeout_s: float | None = None) -> None:
+        self.closed.append(timeout_s)
+
+
+def test_a_port_in_use_is_a_config_error_and_the_producer_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publisher = ClosingPublisher()
+    monkeypatch.setattr(scp, "_make_publisher", lambda settings: publisher)
+    with socket.socket() as taken:
+        taken.bind((scp.BIND_ADDRESS, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        root = tmp_path / "root"
+        settings = Settings.load(allowed_roots=[root], scp_storage=root / "scp", scp_port=port)
+        with pytest.raises(ScpConfigError, match=f"cannot listen on port {port} .*in use") as info:
+            scp.serve(settings, stop=lambda: pytest.fail("it never listened"))
+    assert isinstance(info.value, ValueError)  # the command exits 2, as for any configuration to fix
+    assert publisher.closed == [scp.PUBLISH_TIMEOUT_S]
+
+
+def test_the_receivers_producer_blocks_no_longer_than_a_c_store_waits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    configs: list[dict[str, Any]] = []
+    monkeypatch.setattr(publish, "connect", lambda config, timeout_s: configs.append(dict(config)))
+    scp._make_publisher(Settings.load())
+    assert configs[-1]["max_block_ms"] == scp.PUBLISH_TIMEOUT_S * 1000  # a send blocks no longer than the deadline
+    assert configs[-1]["acks"] == "all"  # the other reliable defaults stay
+    with caplog.at_level(logging.WARNING, logger="producers.scp"):
+        scp._make_publisher(Settings.load(kafka={"max_block_ms": "60000"}))
+    assert configs[-1]["max_block_ms"] == 60_000  # what is configured wins, and is warned about
+    assert "longer than the 20 s a C-STORE waits for Kafka" in caplog.text

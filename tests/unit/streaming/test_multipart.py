@@ -20,6 +20,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from bench.multipart import email_parser_first_part
 from fuzz_profiles import fuzz_settings, fuzz_timeout
 from streaming.errors import ErrorCode, FetchError
 from streaming.fetch import MAX_MULTIPART_PARTS, MAX_PART_HEADER_BYTES, first_part
@@ -30,24 +31,6 @@ DICOM = b"\x00" * 128 + b"DICM" + bytes(range(256)) * 4 + b"\r\n\r\n\n\r" + b"\x
 
 
 # ------------------------------------------------------------------------------------------------- the oracle
-
-
-def email_parser_first_part(body: bytes, content_type: str) -> bytes:
-    """ORACLE: `streaming.fetch.first_part` as it was before the byte-level splitter, word for word (email
-    parser, `get_payload(decode=True)`). About 26 ms per MB; kept here only to check the new one against."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
-    if not content_type.lower().startswith("multipart/"):
-        return body
-    message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    for part in message.iter_parts():
-        payload = part.get_payload(decode=True)
-        if isinstance(payload, bytes) and payload:
-            return payload
-    raise FetchError(ErrorCode.FETCH_FAILED, "the DICOMweb answer carried no instance")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
