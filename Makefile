@@ -10,18 +10,20 @@ MODEL_PACKAGE := pneumonia-model-package==0.3.0
 
 install: $(VENV)/.installed jvm/lib/.resolved system-deps
 
-# A real PACS for the PACS tests and `cxr demo --pacs`: Orthanc and its DICOMweb plugin, Debian's packages.
+# System parts the tests need, from Debian: a real PACS (Orthanc and its DICOMweb plugin) for the PACS tests and
+# `cxr demo --pacs`, and a real browser (chromium and its driver) for the worklist page tests.
 # Installed when we can (root with apt-get, as in CI); elsewhere the line says what to install.
-ORTHANC_FILES := /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb chromium chromium-driver fonts-liberation
+SYSTEM_FILES := /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/chromium /usr/bin/chromedriver
 system-deps:
-	@missing=0; for f in $(ORTHANC_FILES); do [ -e $$f ] || missing=1; done; \
+	@missing=0; for f in $(SYSTEM_FILES); do [ -e $$f ] || missing=1; done; \
 	if [ $$missing = 0 ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing orthanc and orthanc-dicomweb (Debian) for the PACS tests"; \
+		echo "installing orthanc, orthanc-dicomweb, chromium and chromium-driver (Debian) for the PACS and page tests"; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -qq && apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 	else \
-		echo "note: the PACS tests and cxr demo --pacs need Orthanc: sudo apt-get install orthanc orthanc-dicomweb"; \
+		echo "note: the PACS tests, cxr demo --pacs and the worklist page tests need: sudo apt-get install $(SYSTEM_PACKAGES)"; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

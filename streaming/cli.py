@@ -276,6 +276,47 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worklist(args: argparse.Namespace) -> int:
+    settings = load_settings(args, worklist_port=args.port, worklist_db=args.db, worklist_host=args.host)
+    if args.worklist_command == "simulate":
+        from worklist.simulate import run_simulation
+
+        return run_simulation(args, settings)
+
+    from worklist.service import WorklistService
+
+    try:
+        service = WorklistService(settings)
+    except OSError as exc:  # the port is taken, or the database folder cannot be written
+        log.error(
+            "cannot start the worklist on %s:%s with %s: %s",
+            settings.worklist_host,
+            settings.worklist_port,
+            settings.worklist_db,
+            exc,
+        )
+        return EXIT_CONFIG
+    service.start()
+    log.info(
+        "worklist on %s (API %sapi/studies, docs %sdocs); %s, %s and %s → %s",
+        service.url,
+        service.url,
+        service.url,
+        settings.results_topic,
+        settings.dead_letter_topic,
+        settings.input_topic,
+        settings.worklist_db,
+    )
+    try:
+        while service.running and not stop.wait(0.5):
+            pass
+        return EXIT_OK if stop.is_set() else EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        service.stop()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streaming.demo import run_demo
 
@@ -329,6 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--partitions", type=int, help="partitions of the topics it creates (default: one per core of this machine)"
     )
     broker.set_defaults(func=cmd_broker)
+
+    worklist = sub.add_parser("worklist", help="the triage worklist service: the reading queue as API and live page")
+    _common(worklist)
+    _kafka(worklist)
+    worklist.add_argument("--port", type=int, help="HTTP port (default 8080; CXR_WORKLIST_PORT)")
+    worklist.add_argument("--host", help="address to listen on (default 127.0.0.1; CXR_WORKLIST_HOST)")
+    worklist.add_argument("--db", type=Path, help="the worklist's SQLite file (default .cxr/worklist.db)")
+    worklist.set_defaults(func=cmd_worklist, worklist_command=None)
+    worklist_sub = worklist.add_subparsers(dest="worklist_command")
+    simulate = worklist_sub.add_parser(
+        "simulate", help="replay a day of arrivals through FIFO, priority and priority-with-caps ordering"
+    )
+    _common(simulate)
+    from worklist.simulate import add_arguments as add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(port=None, db=None, host=None)
 
     produce = sub.add_parser("produce", help="publish references to the input topic")
     feeds = produce.add_subparsers(dest="feed", required=True)
@@ -397,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streaming.device import DeviceError
     from streaming.embedded_pacs import PacsSetupError
     from streaming.jvm import JvmSetupError
+    from worklist.store import StoreError
 
     try:
         return int(args.func(args))
@@ -411,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PacsSetupError,
         ScpConfigError,
         StateError,
+        StoreError,
     ) as exc:
         log.debug("configuration error", exc_info=True)
         log.error("%s: %s", type(exc).__name__, exc)

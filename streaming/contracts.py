@@ -116,7 +116,7 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _load_json(value: str | bytes) -> Any:
+def load_json(value: str | bytes) -> Any:
     """JSON from text, or from bytes read strictly as UTF-8.
 
     `json.loads` would guess UTF-16 or UTF-32 from raw bytes; the contract says UTF-8, so the bytes are
@@ -132,7 +132,7 @@ def parse_reference(value: str | bytes | None) -> Reference:
     if value is None:
         raise ParseError(ErrorCode.INVALID_JSON, "the message has no value (a tombstone)")
     try:
-        body = _load_json(value)
+        body = load_json(value)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ParseError(ErrorCode.INVALID_JSON, "the message value is not valid UTF-8 JSON") from None
     if not isinstance(body, dict):
@@ -157,7 +157,7 @@ def parse_reference(value: str | bytes | None) -> Reference:
 def salvage_event_id(value: str | bytes | None) -> str | None:
     """The event id of a message that failed to parse, when one can be read at all."""
     try:
-        body = _load_json(value) if value is not None else None
+        body = load_json(value) if value is not None else None
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     event_id = body.get("event_id") if isinstance(body, dict) else None

@@ -11,18 +11,17 @@ instances, the Orthanc change-feed follower announces them, and the scorer fetch
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from kafka import KafkaConsumer
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -34,40 +33,40 @@ from streaming.broker import EmbeddedBroker, default_partitions, port_is_free
 from streaming.embedded_pacs import EmbeddedOrthanc, sample_instance
 from streaming.metrics import MetricsServer
 from streaming.settings import Settings, sample_images_dir
-from streaming.triage import finding_strength, worklist_key
+from worklist.store import CLOSED, OPEN, WorklistStore
+
+if TYPE_CHECKING:
+    from worklist.service import WorklistService
 
 log = logging.getLogger("cxr.demo")
 _STYLE = {"STAT": "bold white on red", "URGENT": "bold black on yellow", "ROUTINE": "green"}
 
 
 def worklist_table(
-    results: list[dict[str, Any]], dead: list[dict[str, Any]], expected: int, normal_labels: tuple[str, ...] = ()
+    items: list[dict[str, Any]], letters: list[dict[str, Any]], counts: dict[str, int], expected: int
 ) -> Group:
-    """The worklist, most urgent first; `score` is the strongest non-normal label's probability."""
+    """The worklist service's queue (`WorklistStore.queue` items, each with its image's name added), in its
+    reading order; `score` is the strongest non-normal label's probability."""
     table = Table(title="cxr-stream worklist", title_justify="left", expand=False)
-    for name, justify in (
-        ("#", "right"),
-        ("priority", "left"),
-        ("top finding", "left"),
-        ("score", "right"),
-        ("image", "left"),
-        ("latency", "right"),
-    ):
+    for name, justify in (("#", "right"), ("priority", "left"), ("top finding", "left"), ("score", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for i, result in enumerate(sorted(results, key=lambda r: worklist_key(r, normal_labels)), 1):
-        finding = result.get("top_finding")
-        score = finding_strength(result, normal_labels) if result.get("scores") else None
+    table.add_column("image")
+    for item in items:
+        priority = item.get("priority") or "UNSCORED"
+        score = item.get("score")
         table.add_row(
-            str(i),
-            Text(f" {result['priority']} ", style=_STYLE.get(result["priority"], "")),
-            finding or "—",
+            str(item.get("position") or ""),
+            Text(f" {priority} ", style=_STYLE.get(priority, "")),
+            item.get("top_finding") or "—",
             f"{score:.3f}" if score is not None else "—",
-            Path(unquote(urlsplit(result.get("uri", "")).path)).name,
-            f"{result.get('latency_ms', 0) / 1000:.1f} s",
+            str(item.get("image", "")),
         )
-    done = len(results) + len(dead)
-    lines: list[Any] = [table, Text(f"{len(results)} scored, {len(dead)} dead-lettered, {done}/{expected} done")]
-    for letter in dead:
+    scored, failed = counts.get("scored", 0), counts.get("failed", 0)
+    lines: list[Any] = [
+        table,
+        Text(f"{scored} scored, {failed} dead-lettered, {scored + failed}/{expected} done"),
+    ]
+    for letter in letters:
         lines.append(
             Text(f"  dead letter: {letter.get('stage')}/{letter.get('error')}: {letter.get('reason')}", style="red")
         )
@@ -86,6 +85,7 @@ def run_demo(
     feed_stop = threading.Event()
     feed: threading.Thread | None = None
     server: MetricsServer | None = None
+    worklist: WorklistService | None = None
     job = spark = None
     try:
         with console.status("starting the Kafka broker…"):
@@ -128,6 +128,8 @@ def run_demo(
         assert model is not None
         console.print(f"[bold]Spark[/] {spark.version} local mode; model {model.name} {model.version} loaded")
         console.print(f"[bold]Metrics[/] http://127.0.0.1:{server.port}/metrics  (health: /healthz, /readyz)")
+        worklist = _start_worklist(settings, workdir)
+        console.print(f"[bold]Worklist[/] {worklist.url}  (the live page; API under /api/studies)")
 
         if orthanc is not None:
             feed = _start_orthanc_feed(settings, orthanc, feed_stop)
@@ -139,7 +141,7 @@ def run_demo(
             with ReferencePublisher.for_settings(settings) as publisher:
                 sent = publisher.send_all(references(scan(samples)))
             console.print(f"published {sent} chest X-ray references to {settings.input_topic}")
-        return _follow(console, settings, sent, args, model.normal_labels, should_stop)
+        return _follow(console, worklist, sent, args, should_stop)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -148,6 +150,8 @@ def run_demo(
         with console.status("stopping…"):
             if feed is not None:  # its last flush needs the broker: it stops first
                 feed.join(30)
+            if worklist is not None:
+                worklist.stop()
             if job is not None:
                 job.stop()
             if server is not None:
@@ -176,44 +180,55 @@ def _start_orthanc_feed(settings: Settings, orthanc: EmbeddedOrthanc, stop: thre
     return thread
 
 
+def _start_worklist(settings: Settings, workdir: Path) -> WorklistService:
+    """The worklist service on the configured port, or any free one when that is taken."""
+    from worklist.service import WorklistService
+
+    port = settings.worklist_port if port_is_free(settings.worklist_port, settings.worklist_host) else 0
+    demo = settings.model_copy(update={"worklist_db": workdir / "worklist.db", "worklist_port": port})
+    return WorklistService(demo).start()
+
+
+def _image_name(store: WorklistStore, key: str, now: datetime) -> str:
+    images = store.study(key, now)["image_list"]
+    uri = images[0].get("uri") if images else None
+    return Path(unquote(urlsplit(uri).path)).name if uri else ""
+
+
 def _follow(
     console: Console,
-    settings: Settings,
+    worklist: WorklistService,
     expected: int,
     args: argparse.Namespace,
-    normal_labels: tuple[str, ...],
     should_stop: Callable[[], bool],
 ) -> int:
-    consumer = KafkaConsumer(
-        settings.results_topic,
-        settings.dead_letter_topic,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        **settings.kafka_python_config(KafkaConsumer.DEFAULT_CONFIG),
-    )
-    results: list[dict[str, Any]] = []
-    dead: list[dict[str, Any]] = []
+    """Show the worklist service's queue in the terminal until every sample has its outcome (or Ctrl-C)."""
+    store = worklist.store
     started = time.monotonic()
     done_at: float | None = None
-    try:
-        with Live(
-            worklist_table(results, dead, expected, normal_labels), console=console, refresh_per_second=4
-        ) as live:
-            while not should_stop():
-                for records in consumer.poll(timeout_ms=500).values():
-                    for record in records:
-                        body = json.loads(record.value)
-                        (results if record.topic == settings.results_topic else dead).append(body)
-                    live.update(worklist_table(results, dead, expected, normal_labels))
-                if done_at is None and len(results) + len(dead) >= expected:
-                    done_at = time.monotonic()
-                    hint = "" if args.exit_when_done else "; Ctrl-C stops the demo"
-                    live.console.print(f"all {expected} answered in {done_at - started:.1f} s{hint}")
-                if args.exit_when_done and done_at is not None:
-                    break
-                if args.exit_when_done and time.monotonic() - started > args.timeout:
-                    console.print(f"[red]timed out after {args.timeout:.0f} s[/]")
-                    return 1
-        return 0 if done_at is not None or should_stop() else 1
-    finally:
-        consumer.close()
+
+    def table() -> tuple[Group, int]:
+        now = datetime.now(UTC)
+        _, items = store.queue(now, statuses=[*OPEN, *CLOSED], limit=expected + 50)
+        for item in items:
+            item["image"] = _image_name(store, item["key"], now)
+        counts = store.image_counts()
+        _, letters = store.dead_letters(limit=20)
+        return worklist_table(items, letters, counts, expected), counts["scored"] + counts["failed"]
+
+    view, done = table()
+    with Live(view, console=console, refresh_per_second=4) as live:
+        while not should_stop():
+            view, done = table()
+            live.update(view)
+            if done_at is None and done >= expected:
+                done_at = time.monotonic()
+                hint = "" if args.exit_when_done else "; Ctrl-C stops the demo"
+                live.console.print(f"all {expected} answered in {done_at - started:.1f} s{hint}")
+            if args.exit_when_done and done_at is not None:
+                break
+            if args.exit_when_done and time.monotonic() - started > args.timeout:
+                console.print(f"[red]timed out after {args.timeout:.0f} s[/]")
+                return 1
+            time.sleep(0.5)
+    return 0 if done_at is not None or should_stop() else 1

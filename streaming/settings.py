@@ -235,6 +235,22 @@ class Settings(BaseSettings):
     #: Publish references for instances that are not chest X-rays too (they are always stored).
     scp_publish_non_chest: bool = False
 
+    # The triage worklist (`cxr worklist`)
+    worklist_db: Path = Path(".cxr/worklist.db")
+    #: Loopback by default: the page shows study identifiers, so exposing it is a deliberate choice.
+    worklist_host: str = "127.0.0.1"
+    worklist_port: int = Field(default=8080, ge=0, le=65535)
+    #: The longest a study may wait in its class before it is escalated and shown overdue (a study that the
+    #: AI could not score waits at most the URGENT figure: nobody knows yet that it is routine).
+    worklist_max_wait_stat_s: float = Field(default=15 * 60.0, gt=0)
+    worklist_max_wait_urgent_s: float = Field(default=60 * 60.0, gt=0)
+    worklist_max_wait_routine_s: float = Field(default=4 * 3600.0, gt=0)
+    #: A reference still without a result or dead letter after this long means scoring has stopped: the page
+    #: says so, and what is unscored is read in arrival order.
+    worklist_scoring_stale_after_s: float = Field(default=120.0, gt=0)
+    #: Read and dismissed studies are forgotten this long after they were closed.
+    worklist_retention_days: float = Field(default=30.0, gt=0)
+
     # Observability
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"

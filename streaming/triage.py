@@ -66,7 +66,6 @@ def top_finding(scores: Mapping[str, float], normal_labels: Sequence[str], rules
 
 
 PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
-_RANK_BY_NAME: dict[str, int] = {p.value: rank for p, rank in PRIORITY_RANK.items()}
 
 
 def finding_strength(result: Mapping[str, object], normal_labels: Sequence[str] = ()) -> float:
@@ -80,9 +79,3 @@ def finding_strength(result: Mapping[str, object], normal_labels: Sequence[str] 
         return max((float(v) for k, v in scores.items() if k not in normal_labels), default=0.0)
     finding = result.get("top_finding")
     return float(scores.get(finding, 0.0)) if finding else 0.0
-
-
-def worklist_key(result: Mapping[str, object], normal_labels: Sequence[str] = ()) -> tuple[int, float, str]:
-    """Sort key of a result on the worklist: priority first, then the strongest finding, then arrival."""
-    rank = _RANK_BY_NAME.get(str(result.get("priority", "ROUTINE")), len(PRIORITY_RANK))  # unknown: last
-    return rank, -finding_strength(result, normal_labels), str(result.get("sent_at", ""))

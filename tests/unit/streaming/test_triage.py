@@ -12,7 +12,6 @@ from streaming.triage import (
     finding_strength,
     priority,
     top_finding,
-    worklist_key,
 )
 
 PNEUMONIA_RULES = TriageRules(thresholds=(Threshold(label="PNEUMONIA", stat=0.9, urgent=0.5),), finding_threshold=0.5)
@@ -117,43 +116,7 @@ def result(priority: str, finding: str | None, score: float, sent_at: str) -> di
     return {"priority": priority, "top_finding": finding, "scores": scores, "sent_at": sent_at}
 
 
-def test_worklist_orders_by_priority_then_strength_then_arrival() -> None:
-    routine_early = result("ROUTINE", None, 0.1, "2024-01-01T00:00:00.000Z")
-    urgent_weak = result("URGENT", "PNEUMONIA", 0.6, "2024-01-01T00:00:01.000Z")
-    urgent_strong = result("URGENT", "PNEUMONIA", 0.85, "2024-01-01T00:00:09.000Z")
-    stat_late = result("STAT", "PNEUMONIA", 0.95, "2024-01-01T00:00:10.000Z")
-    stat_early = result("STAT", "PNEUMONIA", 0.95, "2024-01-01T00:00:02.000Z")
-    routine_late = result("ROUTINE", None, 0.3, "2024-01-01T00:00:05.000Z")
-    shuffled = [routine_late, urgent_weak, stat_late, routine_early, urgent_strong, stat_early]
-    assert sorted(shuffled, key=worklist_key) == [
-        stat_early,
-        stat_late,
-        urgent_strong,
-        urgent_weak,
-        routine_early,
-        routine_late,
-    ]
-
-
-def test_worklist_key_without_finding_has_no_strength() -> None:
-    assert worklist_key(result("ROUTINE", None, 0.4, "t")) == (2, 0.0, "t")
-    assert worklist_key(result("URGENT", "PNEUMONIA", 0.75, "t")) == (1, -0.75, "t")
-
-
-def test_worklist_key_tolerates_missing_fields() -> None:
-    assert worklist_key({}) == (2, 0.0, "")
-
-
-@pytest.mark.parametrize("unknown", ["LOW", None, ""])
-def test_worklist_puts_unknown_priorities_last_instead_of_failing(unknown: str | None) -> None:
-    odd = {"priority": unknown, "top_finding": None, "scores": {}, "sent_at": "a"}
-    routine = result("ROUTINE", None, 0.1, "b")
-    assert sorted([odd, routine], key=worklist_key) == [routine, odd]
-
-
-def test_worklist_orders_routine_studies_by_their_strongest_non_normal_score() -> None:
-    weak = {"priority": "ROUTINE", "top_finding": None, "scores": {"NORMAL": 0.9, "PNEUMONIA": 0.1}, "sent_at": "a"}
+def test_finding_strength_of_a_routine_study_is_its_strongest_non_normal_score() -> None:
     closer = {"priority": "ROUTINE", "top_finding": None, "scores": {"NORMAL": 0.55, "PNEUMONIA": 0.45}, "sent_at": "b"}
-    assert sorted([weak, closer], key=lambda r: worklist_key(r, ("NORMAL",))) == [closer, weak]
     assert finding_strength(closer, ("NORMAL",)) == 0.45
     assert finding_strength(closer) == 0.0  # without the normal labels only a reported finding counts

@@ -1,0 +1,384 @@
+"""Feeding the worklist from Kafka: references, results and dead letters in, rows and offsets out, atomically.
+
+The consumer joins no consumer group and commits nothing to Kafka: the store is the only record of how far it
+has read, written in the same transaction as the rows (`WorklistStore.apply`), so a crash at any moment resumes
+exactly where the rows end. It assigns itself every partition of the three topics (a second worklist reads the
+same topics without taking partitions from this one) and picks up partitions added later.
+
+Kafka being away is the normal case to survive, not an error to exit on: every failure closes the client,
+waits (capped exponential backoff, interruptible by `stop`) and starts again from the store's offsets. Message
+contents never reach the log (they carry patient identifiers); an unreadable message is logged by its
+topic, partition, offset and the reason only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaConfigurationError, KafkaError
+
+from streaming.contracts import rfc3339
+from streaming.settings import Settings
+from worklist.events import DeadLetter, ImageEvent, Unreadable, read_dead_letter, read_reference, read_result
+from worklist.store import WorklistStore
+
+log = logging.getLogger("cxr.worklist.consumer")
+
+POLL_TIMEOUT_MS = 500
+MAX_POLL_RECORDS = 500
+#: New partitions of the three topics are found this often (the client refreshes its metadata as often).
+REFRESH_PARTITIONS_S = 30.0
+#: With no records for this long, a bounded request to the broker checks that it is still there (an empty
+#: poll looks the same whether the topics are quiet or the broker is gone).
+PROBE_AFTER_S = 5.0
+PROBE_TIMEOUT_MS = 1000
+PRUNE_EVERY_S = 3600.0
+#: How many unreadable messages of one poll are logged one by one; the rest are counted in one line.
+UNREADABLE_LOGGED_PER_POLL = 5
+_ERROR_CHARS = 200
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff: `first_s`, doubling up to `max_s`; `reset()` after a success."""
+
+    first_s: float = 0.5
+    max_s: float = 10.0
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.max_s, self.first_s * 2**self.failures)
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass(frozen=True)
+class Converted:
+    """One poll's records, ready for `WorklistStore.apply`."""
+
+    records: list[ImageEvent | DeadLetter]
+    #: per (topic, partition) that had records, readable or not: the next offset to read
+    next_offsets: dict[tuple[str, int], int]
+    #: (topic, partition, offset, reason) of each message that could not be used
+    unreadable: list[tuple[str, int, int, str]]
+    #: how many Kafka records were readable
+    readable: int
+
+
+def convert(
+    batches: Mapping[Any, Sequence[Any]],
+    *,
+    results_topic: str,
+    dead_letter_topic: str,
+    input_topic: str,
+    normal_labels: Sequence[str] = (),
+) -> Converted:
+    """Kafka records (as `KafkaConsumer.poll` returns them) as worklist records. Pure: no I/O, no logging.
+
+    Every record moves its partition's offset on, whether it could be read or not, so a hostile message is
+    skipped once and never blocks the partition.
+    """
+    out: list[ImageEvent | DeadLetter] = []
+    next_offsets: dict[tuple[str, int], int] = {}
+    unreadable: list[tuple[str, int, int, str]] = []
+    readable = 0
+    for batch in batches.values():
+        for record in batch:
+            topic, partition, offset = record.topic, record.partition, record.offset
+            next_offsets[(topic, partition)] = max(next_offsets.get((topic, partition), 0), offset + 1)
+            try:
+                if topic == results_topic:
+                    out.append(read_result(record.value, record.timestamp, normal_labels))
+                elif topic == dead_letter_topic:
+                    letter, image = read_dead_letter(record.value, record.timestamp, topic, partition, offset)
+                    out.append(letter)
+                    if image is not None:
+                        out.append(image)
+                elif topic == input_topic:
+                    out.append(read_reference(record.value, record.timestamp))
+                else:
+                    raise Unreadable("the message comes from a topic the worklist does not read")
+            except Unreadable as exc:
+                unreadable.append((topic, partition, offset, str(exc)))
+                continue
+            except Exception as exc:  # a reader's bug must not stop the queue; the type says enough
+                unreadable.append((topic, partition, offset, f"the message could not be read ({type(exc).__name__})"))
+                continue
+            readable += 1
+    return Converted(out, next_offsets, unreadable, readable)
+
+
+def plan_seeks(
+    partitions: Iterable[TopicPartition], stored: Mapping[tuple[str, int], int]
+) -> tuple[dict[TopicPartition, int], list[TopicPartition]]:
+    """Where each partition resumes: the stored next offset where the store has one, else the beginning."""
+    seeks: dict[TopicPartition, int] = {}
+    beginning: list[TopicPartition] = []
+    for tp in sorted(partitions):
+        offset = stored.get((tp.topic, tp.partition))
+        if offset is None:
+            beginning.append(tp)
+        else:
+            seeks[tp] = offset
+    return seeks, beginning
+
+
+def short_error(exc: BaseException) -> str:
+    """One line for the page's banner and /readyz: the exception type and the start of its message."""
+    name, message = type(exc).__name__, str(exc)
+    text = (message if message.startswith(name) else f"{name}: {message}" if message else name).splitlines()[0]
+    return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
+
+
+def _closing_factory(base: Callable[..., Any], made: list[Any]) -> Callable[..., Any]:
+    """kafka-python's network client, remembered: a `KafkaConsumer` whose bootstrap fails raises without
+    closing the client (and its I/O thread) it made, so each retry against a dead broker would leak one."""
+
+    def make(**config: Any) -> Any:
+        client = base(**config)
+        made.append(client)
+        return client
+
+    return make
+
+
+class ResultsConsumer:
+    """Reads the results, dead-letter and reference topics into a `WorklistStore` until stopped."""
+
+    def __init__(self, settings: Settings, store: WorklistStore, normal_labels: Sequence[str] = ()) -> None:
+        self.settings = settings
+        self.store = store
+        self.normal_labels = tuple(normal_labels)
+        self.topics = (settings.results_topic, settings.dead_letter_topic, settings.input_topic)
+        self._consumer: KafkaConsumer | None = None
+        self._backoff = Backoff()
+        self._lock = threading.Lock()
+        self._connected = False
+        self._last_poll_at: datetime | None = None
+        self._records = 0
+        self._unreadable = 0
+        self._error: str | None = None
+        self._last_contact = 0.0
+        self._partitions_checked = 0.0
+        self._pruned_at: float | None = None
+
+    # What the API shows ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """For /readyz and the page's banner: whether Kafka answers, when it was last polled, what was read."""
+        with self._lock:
+            return {
+                "connected": self._connected,
+                "last_poll_at": rfc3339(self._last_poll_at) if self._last_poll_at else None,
+                "records": self._records,
+                "unreadable": self._unreadable,
+                "error": self._error,
+            }
+
+    def _set(self, **changes: Any) -> None:
+        with self._lock:
+            for name, value in changes.items():
+                setattr(self, f"_{name}", value)
+
+    # The loop ---------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until `stop` is set. Returns only then; a bad Kafka configuration raises at once.
+
+        `stop` is heard between rounds (a poll of 0.5 s, or a probe of 1 s) and during backoff at once; only a
+        connection attempt to a broker that does not answer holds it longer: 1 s at first, up to 5 s while
+        Kafka stays away (a TLS/SASL handshake to a distant cluster must still fit)."""
+        try:
+            while not stop.is_set():
+                self._housekeep(stop)
+                try:
+                    if self._consumer is None:
+                        self._consumer = self._connect(stop)
+                        if self._consumer is None:
+                            continue
+                    self._step(self._consumer, stop)
+                except KafkaConfigurationError as exc:
+                    self._set(connected=False, error=short_error(exc))
+                    log.error("the Kafka client settings are not valid; the worklist cannot read Kafka")
+                    raise
+                except Exception as exc:
+                    self._failed(exc)
+                    stop.wait(self._backoff.next_delay())
+        finally:
+            self._close()
+
+    def _connect(self, stop: threading.Event) -> KafkaConsumer | None:
+        """A consumer assigned to every partition of the three topics, each at the store's offset; None when
+        `stop` was set meanwhile."""
+        config = self._client_config()
+        made: list[Any] = []
+        config["kafka_client"] = _closing_factory(KafkaConsumer.DEFAULT_CONFIG["kafka_client"], made)
+        try:
+            consumer = KafkaConsumer(**config)
+        except BaseException:
+            for client in made:
+                client.close()
+            raise
+        if stop.is_set():
+            consumer.close()
+            return None
+        try:
+            self._assign(consumer, set())
+        except BaseException:
+            consumer.close()
+            raise
+        return consumer
+
+    def _client_config(self) -> dict[str, Any]:
+        """Our defaults under the configured client settings (TLS, SASL, ...), and over both what correctness
+        needs: no group, no commits to Kafka, and a position the broker has lost resets to the beginning
+        (never to the end, which would skip what the store has not seen; replays are de-duplicated)."""
+        configured = self.settings.kafka_python_config(KafkaConsumer.DEFAULT_CONFIG)
+        # A first connection attempt short enough for `stop` to be heard, longer while Kafka stays away (a
+        # slow TLS/SASL handshake must still get through); a configured timeout wins.
+        bootstrap_ms = min(5000, 1000 * 2 ** min(self._backoff.failures, 3))
+        defaults = {
+            "client_id": "cxr-worklist",
+            "max_poll_records": MAX_POLL_RECORDS,
+            "metadata_max_age_ms": int(REFRESH_PARTITIONS_S * 1000),
+            "bootstrap_timeout_ms": bootstrap_ms,
+            "reconnect_backoff_max_ms": 10_000,
+        }
+        forced = {
+            "group_id": None,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "key_deserializer": None,
+            "value_deserializer": None,
+        }
+        return {**defaults, **configured, **forced}
+
+    def _assign(self, consumer: KafkaConsumer, current: set[TopicPartition]) -> None:
+        """Assign every partition of the three topics; partitions not assigned before resume at the store's
+        offset, else at the beginning (the store is the only record of how far the worklist has read)."""
+        wanted = {TopicPartition(topic, p) for topic in self.topics for p in consumer.partitions_for_topic(topic)}
+        self._partitions_checked = time.monotonic()
+        if wanted == current:
+            return
+        added = wanted - current
+        if not wanted:
+            log.warning("none of the topics %s has partitions yet; waiting for them", ", ".join(self.topics))
+            consumer.unsubscribe()
+            return
+        consumer.assign(sorted(wanted))
+        seeks, beginning = plan_seeks(added, self.store.offsets())
+        for tp, offset in seeks.items():
+            consumer.seek(tp, offset)
+        if beginning:
+            consumer.seek_to_beginning(*beginning)
+        log.info(
+            "reading %d partition(s) of %s (%d new: %d resumed from the worklist's offsets, %d from the beginning)",
+            len(wanted),
+            ", ".join(self.topics),
+            len(added),
+            len(seeks),
+            len(beginning),
+        )
+
+    def _step(self, consumer: KafkaConsumer, stop: threading.Event) -> None:
+        """One round, about a second at most: maybe look for new partitions, maybe check that the broker is
+        there, else one poll applied in one transaction."""
+        now = time.monotonic()
+        assigned = set(consumer.assignment())
+        if now - self._partitions_checked >= (REFRESH_PARTITIONS_S if assigned else PROBE_AFTER_S):
+            self._assign(consumer, assigned)
+            assigned = set(consumer.assignment())
+            if not assigned:  # the broker answered (the topics' metadata), but they do not exist yet
+                self._contact()
+        if not assigned:
+            stop.wait(POLL_TIMEOUT_MS / 1000)
+            return
+        if now - self._last_contact >= PROBE_AFTER_S:
+            # Raises (KafkaTimeoutError) when the broker does not answer: the loop reconnects.
+            consumer.end_offsets(sorted(assigned), timeout_ms=PROBE_TIMEOUT_MS)
+            self._contact()
+            return
+        batches = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS)
+        if batches:
+            self._apply(batches)
+            self._contact()
+        else:
+            self._set(last_poll_at=datetime.now(UTC))
+
+    def _contact(self) -> None:
+        """The broker answered: clear the error, reset the backoff."""
+        self._last_contact = time.monotonic()
+        if not self._connected:
+            log.info("reading Kafka at %s", self.settings.kafka_bootstrap_servers)
+        self._backoff.reset()
+        self._set(connected=True, error=None, last_poll_at=datetime.now(UTC))
+
+    def _apply(self, batches: Mapping[Any, Sequence[Any]]) -> None:
+        converted = convert(
+            batches,
+            results_topic=self.settings.results_topic,
+            dead_letter_topic=self.settings.dead_letter_topic,
+            input_topic=self.settings.input_topic,
+            normal_labels=self.normal_labels,
+        )
+        for topic, partition, offset, reason in converted.unreadable[:UNREADABLE_LOGGED_PER_POLL]:
+            log.warning("skipped an unreadable message at %s/%d@%d: %s", topic, partition, offset, reason)
+        if len(converted.unreadable) > UNREADABLE_LOGGED_PER_POLL:
+            log.warning(
+                "skipped %d more unreadable messages in the same poll",
+                len(converted.unreadable) - UNREADABLE_LOGGED_PER_POLL,
+            )
+        # The one place offsets are written: with the rows, in one transaction.
+        self.store.apply(converted.records, converted.next_offsets)
+        with self._lock:
+            self._records += converted.readable
+            self._unreadable += len(converted.unreadable)
+
+    def _failed(self, exc: Exception) -> None:
+        """Forget the client (the next one resumes from the store's offsets, so nothing a poll read but the
+        store did not take is lost) and say why. Only the type and message are logged: a traceback's frames
+        could hold message contents."""
+        error = short_error(exc)
+        kafka = isinstance(exc, KafkaError)
+        if not kafka:
+            log.error("the worklist could not store what it read (%s); reading it again from its offsets", error)
+        elif self._connected or self._backoff.failures == 0:
+            log.warning("Kafka at %s: %s; retrying", self.settings.kafka_bootstrap_servers, error)
+        else:
+            log.debug("Kafka at %s still failing: %s", self.settings.kafka_bootstrap_servers, error)
+        self._close()
+        self._set(connected=self._connected and not kafka, error=error)
+
+    def _close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                consumer.close(autocommit=False, timeout_ms=2000)
+            except Exception as exc:
+                log.debug("closing the Kafka consumer: %s", short_error(exc))
+
+    def _housekeep(self, stop: threading.Event) -> None:
+        """Forget what retention allows, at start and about hourly (whether or not Kafka answers)."""
+        now = time.monotonic()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        if stop.is_set():
+            return
+        try:
+            forgotten = self.store.prune(datetime.now(UTC), timedelta(days=self.settings.worklist_retention_days))
+        except Exception as exc:
+            log.warning("pruning the worklist failed: %s", short_error(exc))
+            return
+        if forgotten:
+            log.info("forgot %d studies closed more than %g days ago", forgotten, self.settings.worklist_retention_days)
