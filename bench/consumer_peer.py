@@ -20,8 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from streaming.bundle import load
 from streaming.contracts import dumps, now_utc, parse_reference
 from streaming.errors import CxrError
-from streaming.pipeline import scoring_config
-from streaming.scoring import prepare, result_body
+from streaming.scoring import prepare, result_body, scoring_config
 from streaming.settings import Settings
 
 

@@ -17,7 +17,8 @@ from pyspark.sql import functions as F
 from producers.folder import references, scan
 from streaming import bundle as bundles
 from streaming.contracts import now_utc
-from streaming.pipeline import inference_threads, scored, scoring_config
+from streaming.pipeline import inference_threads, scored
+from streaming.scoring import scoring_config
 from streaming.settings import Settings
 from streaming.udf import scoring_udf, warm_up
 

@@ -298,9 +298,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     service.start()
     log.info(
-        "worklist on %s (API %sapi/studies, docs %sdocs); %s, %s and %s → %s",
-        service.url,
-        service.url,
+        "worklist on %s (API under /api/, schema /openapi.json); %s, %s and %s → %s",
         service.url,
         settings.results_topic,
         settings.dead_letter_topic,

@@ -127,7 +127,7 @@ _UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN
 @dataclass(frozen=True)
 class FetchPolicy:
     """What references may point at, and how hard to try; built on the driver from the settings
-    (`pipeline.scoring_config`) and shipped to the executors. Credentials never show in its repr."""
+    (`scoring.scoring_config`) and shipped to the executors. Credentials never show in its repr."""
 
     allowed_roots: tuple[Path, ...] = ()
     #: `host` or `host:port` that DICOMweb references may name (`CXR_DICOMWEB_ALLOWED_HOSTS`)

@@ -30,10 +30,8 @@ from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
 
 from streaming import bundle as bundles
 from streaming.contracts import Source
-from streaming.decode import DecodeLimits
-from streaming.fetch import FetchPolicy
 from streaming.metrics import JobMetrics, QueryHealth, observed_columns
-from streaming.scoring import RawMessage, ScoringConfig, crashed_outcome
+from streaming.scoring import RawMessage, ScoringConfig, crashed_outcome, scoring_config
 from streaming.spark import V1_SOURCES, kafka_writes_observable
 from streaming.udf import scoring_udf, warm_up
 
@@ -56,32 +54,6 @@ def inference_threads(settings: Settings, spark: SparkSession) -> int | None:
         return None  # TensorFlow's own choice
     conf = spark.sparkContext.getConf()
     return int(conf.get("spark.executorEnv.OMP_NUM_THREADS") or conf.get("spark.task.cpus") or "1")
-
-
-def scoring_config(settings: Settings, threads: int | None = None) -> ScoringConfig:
-    """The executors' view of the settings (they never read the environment themselves)."""
-    return ScoringConfig(
-        fetch=FetchPolicy(
-            allowed_roots=tuple(settings.allowed_roots),
-            dicomweb_hosts=tuple(settings.dicomweb_allowed_hosts),
-            max_bytes=settings.max_image_bytes,
-            timeout_s=settings.fetch_timeout_s,
-            authorization=settings.dicomweb_authorization(),
-            retries=settings.dicomweb_retries,
-            retry_backoff_s=settings.dicomweb_retry_backoff_s,
-        ),
-        limits=DecodeLimits(max_pixels=settings.max_image_pixels),
-        inference_batch_size=settings.inference_batch_size,
-        decode_threads=settings.decode_threads,
-        inference_threads=threads,
-        inference_device=settings.inference_device,
-        results_topic=settings.results_topic,
-        dead_letter_topic=settings.dead_letter_topic,
-        deadline_s=settings.reference_deadline_s,
-        max_stuck_threads=settings.max_stuck_threads,
-        dead_letter_payload_max_bytes=settings.dead_letter_payload_max_bytes,
-        fault_injection=settings.fault_injection,
-    )
 
 
 def kafka_source(spark: SparkSession, settings: Settings) -> DataFrame:

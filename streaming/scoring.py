@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from streaming.fetch import FetchPolicy, fetch
 from streaming.preprocess import draft_size_for, to_model_input
 from streaming.triage import priority, top_finding
 
+if TYPE_CHECKING:
+    from streaming.settings import Settings
+
 
 @dataclass(frozen=True)
 class ScoringConfig:
@@ -57,6 +60,32 @@ class ScoringConfig:
     max_stuck_threads: int = 8
     dead_letter_payload_max_bytes: int = 256 * 1024
     fault_injection: bool = False
+
+
+def scoring_config(settings: Settings, threads: int | None = None) -> ScoringConfig:
+    """The executors' view of the settings (they never read the environment themselves)."""
+    return ScoringConfig(
+        fetch=FetchPolicy(
+            allowed_roots=tuple(settings.allowed_roots),
+            dicomweb_hosts=tuple(settings.dicomweb_allowed_hosts),
+            max_bytes=settings.max_image_bytes,
+            timeout_s=settings.fetch_timeout_s,
+            authorization=settings.dicomweb_authorization(),
+            retries=settings.dicomweb_retries,
+            retry_backoff_s=settings.dicomweb_retry_backoff_s,
+        ),
+        limits=DecodeLimits(max_pixels=settings.max_image_pixels),
+        inference_batch_size=settings.inference_batch_size,
+        decode_threads=settings.decode_threads,
+        inference_threads=threads,
+        inference_device=settings.inference_device,
+        results_topic=settings.results_topic,
+        dead_letter_topic=settings.dead_letter_topic,
+        deadline_s=settings.reference_deadline_s,
+        max_stuck_threads=settings.max_stuck_threads,
+        dead_letter_payload_max_bytes=settings.dead_letter_payload_max_bytes,
+        fault_injection=settings.fault_injection,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,6 +250,9 @@ class Settings(BaseSettings):
     worklist_scoring_stale_after_s: float = Field(default=120.0, gt=0)
     #: Read and dismissed studies are forgotten this long after they were closed.
     worklist_retention_days: float = Field(default=30.0, gt=0)
+    #: With a password, the page and the API ask for HTTP basic credentials (the probes and /metrics do not).
+    worklist_username: str = "cxr"
+    worklist_password: SecretStr | None = None
 
     # Observability
     metrics_port: int = Field(default=9108, ge=0, le=65535)
@@ -331,6 +334,12 @@ class Settings(BaseSettings):
             password = self.dicomweb_password.get_secret_value() if self.dicomweb_password else ""
             return basic_authorization(self.dicomweb_username, password)
         return None
+
+    def worklist_authorization(self) -> str | None:
+        """The `Authorization` value the worklist expects, when it is protected by a password."""
+        if self.worklist_password is None:
+            return None
+        return basic_authorization(self.worklist_username, self.worklist_password.get_secret_value())
 
     def spark_kafka_options(self) -> dict[str, str]:
         """Options for Spark's Kafka source and sink (`kafka.`-prefixed client settings)."""

@@ -1,58 +1,61 @@
-"""The worklist's HTTP face: the JSON API (with its OpenAPI schema), live updates as server-sent events,
-thumbnails, Prometheus metrics and the page.
+"""The worklist's HTTP face: routes that translate HTTP to store calls and back, and nothing else.
 
-Thin on purpose: ordering, state and the rules for what a reader may do live in `store` and `ordering`; this
-module translates HTTP to store calls and back. The store is synchronous SQLite, so every call to it runs in a
-worker thread (plain `def` endpoints, `anyio.to_thread` elsewhere) and the event loop stays free for the
-event streams. Nothing here logs a study key, a URI or anything else that could identify a patient.
+Ordering, state and the rules for what a reader may do live in `store` and `ordering`. The store is synchronous
+SQLite, so every call to it runs in a worker thread (plain `def` endpoints, `anyio.to_thread` elsewhere) and the
+event loop stays free for the event streams. Nothing here logs a study key, a URI or anything else that could
+identify a patient.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import hmac
 import logging
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from datetime import time as clock_time
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
-import anyio
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streaming.contracts import rfc3339
-from streaming.decode import DecodeLimits, decode_image
-from streaming.errors import CxrError, ErrorCode, FetchError
-from streaming.fetch import FetchPolicy, fetch
-from streaming.pipeline import scoring_config
+from streaming.errors import CxrError
+from streaming.scoring import scoring_config
 from streaming.settings import Settings
 from streaming.triage import Priority
-from worklist.store import CLOSED, OPEN, Change, Status, StoreError, Verdict, WorklistStore
+from worklist.live import EventFeed, EventStreamResponse
+from worklist.metrics import WorklistCollector
+from worklist.store import CLOSED, OPEN, Status, StoreError, Verdict, WorklistStore
+from worklist.thumbnails import Thumbnails, refusal_status
+from worklist.views import (
+    ConsumerStatus,
+    DeadLetterPage,
+    ErrorBody,
+    FeedbackSummary,
+    PriorityName,
+    QueuePage,
+    ReadyView,
+    SnapshotView,
+    StatsView,
+    StudyDetail,
+    consumer_view,
+    local_midnight,
+    parse_priorities,
+    scoring_view,
+)
 
 log = logging.getLogger("cxr.worklist.api")
 
 STATIC_DIR = Path(__file__).parent / "static"
 #: The most studies one page of the queue returns.
 MAX_PAGE = 500
-PRIORITY_FILTERS = ("STAT", "URGENT", "ROUTINE", "UNSCORED")
 _STUDIES_PREFIX = "/api/studies/"
 _RAW_KEY = "cxr.raw_study_key"
-
-ConsumerStatus = Callable[[], dict[str, Any]]
 
 # ------------------------------------------------------------------------------------------- request bodies
 
@@ -60,7 +63,6 @@ ConsumerStatus = Callable[[], dict[str, Any]]
 ReaderName = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
-PriorityName = Literal["STAT", "URGENT", "ROUTINE"]
 
 
 class _Body(BaseModel):
@@ -87,539 +89,52 @@ class FeedbackBody(ReaderBody):
     verdict: Verdict = Field(description="whether the reader agrees with the AI's finding for the study")
 
 
-# ------------------------------------------------------------------------------------------ response models
-
-
-class _View(BaseModel):
-    # Fields the store adds later pass through rather than vanish.
-    model_config = ConfigDict(extra="allow")
-
-
-class ModelRef(_View):
-    name: str | None
-    version: str | None
-
-
-class ImageCounts(_View):
-    total: int
-    scored: int
-    failed: int
-    pending: int
-
-
-class StudyItem(_View):
-    """One study: the contract's fields (study_uid, priority, top_finding, score, arrived_at, overdue, status,
-    event_ids, model) and what the page shows. `key` is the study UID, or the event id of a study without one."""
-
-    key: str
-    study_uid: str | None
-    accession: str | None
-    priority: PriorityName | None
-    ai_priority: PriorityName | None
-    person_priority: PriorityName | None
-    top_finding: str | None
-    score: float | None
-    arrived_at: str
-    due_at: str
-    overdue: bool
-    status: Status
-    claimed_by: str | None
-    closed_at: str | None
-    closed_by: str | None
-    event_ids: list[str]
-    model: ModelRef | None
-    images: ImageCounts
-    position: int | None = Field(description="place in the whole open queue (1 is read next); null when closed")
-
-
-class ImageErrorView(_View):
-    stage: str | None
-    code: str | None
-    reason: str | None
-
-
-class ImageView(_View):
-    event_id: str
-    state: Literal["announced", "scored", "failed"]
-    uri: str | None
-    series_uid: str | None
-    sop_instance_uid: str | None
-    arrived_at: str | None
-    priority: PriorityName | None
-    top_finding: str | None
-    score: float | None
-    scores: dict[str, float] | None
-    model: ModelRef | None
-    error: ImageErrorView | None
-
-
-class FeedbackView(_View):
-    verdict: Verdict
-    finding: str | None
-    reader: str | None
-    at: str | None
-    model: ModelRef
-
-
-class StudyDetail(StudyItem):
-    image_list: list[ImageView]
-    feedback: list[FeedbackView]
-
-
-class KafkaStatus(_View):
-    connected: bool
-    last_poll_at: str | None = None
-    records: int | None = None
-    unreadable: int | None = None
-    error: str | None = None
-
-
-class ScoringView(_View):
-    state: Literal["live", "idle", "stalled"]
-    pending: int
-    oldest_pending_at: str | None
-    last_scored_at: str | None
-    kafka: KafkaStatus
-
-
-class QueuePage(_View):
-    items: list[StudyItem]
-    total: int
-    offset: int
-    limit: int
-    now: str
-    last_event_id: int = Field(description="the change id this page is current to: follow /api/events after it")
-    scoring: ScoringView
-
-
-class SourceView(_View):
-    topic: str
-    partition: int
-    offset: int
-
-
-class DeadLetterView(_View):
-    event_id: str | None
-    study_key: str | None
-    stage: str
-    error: str
-    reason: str
-    failed_at: str | None
-    source: SourceView
-
-
-class DeadLetterPage(_View):
-    items: list[DeadLetterView]
-    total: int
-    offset: int
-    limit: int
-
-
-class AgreementView(_View):
-    model: ModelRef
-    agree: int
-    disagree: int
-    agreement: float | None
-
-
-class FeedbackSummary(_View):
-    items: list[AgreementView]
-
-
-class WaitView(_View):
-    count: int
-    mean: float | None
-    median: float | None
-    p95: float | None
-    max: float | None
-
-
-class StatsView(_View):
-    since: str = Field(description="today's local midnight: the figures cover studies that arrived since")
-    now: str
-    waits: dict[str, WaitView] = Field(description="seconds waited per class, until read or until now if open")
-    counts: dict[str, int]
-
-
-class SnapshotView(_View):
-    last_event_id: int
-    now: str
-    total: int
-    items: list[StudyItem]
-    dead_letters: list[DeadLetterView]
-    scoring: ScoringView
-
-
-class ReadyView(_View):
-    ready: bool
-    store: bool
-    kafka: KafkaStatus
-
-
-class ErrorBody(BaseModel):
-    detail: str
-
-
+#: What a study's routes may refuse, as the schema shows it.
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "no such study"},
     409: {"model": ErrorBody, "description": "the study's state does not allow it"},
 }
 
-# ------------------------------------------------------------------------------------------- pure helpers
-
-
-def local_midnight(now: datetime) -> datetime:
-    """The start of the server's local day containing `now` (with the offset in force at midnight, not now)."""
-    day = now.astimezone().date()
-    return datetime.combine(day, clock_time()).astimezone()
-
-
-def parse_priorities(values: Iterable[str] | None) -> list[str] | None:
-    """`?priority=STAT&priority=urgent,routine` as a list of class names; ValueError names a wrong one."""
-    names = [p.strip().upper() for v in values or () for p in v.split(",") if p.strip()]
-    wrong = [n for n in names if n not in PRIORITY_FILTERS]
-    if wrong:
-        raise ValueError(f"unknown priority {wrong[0][:20]!r}: expected any of {', '.join(PRIORITY_FILTERS)}")
-    return names or None
-
-
-def consumer_view(consumer_status: ConsumerStatus) -> dict[str, Any]:
-    """The consumer's status as JSON; a consumer that cannot say counts as not connected."""
-    try:
-        status = dict(consumer_status())
-    except Exception:
-        log.exception("the consumer's status could not be read")
-        return {"connected": False, "error": "the consumer's status is unavailable"}
-    last = status.get("last_poll_at")
-    if isinstance(last, datetime):
-        last = rfc3339(last)
-    elif isinstance(last, int | float) and not isinstance(last, bool):
-        last = rfc3339(datetime.fromtimestamp(last, UTC))
-    elif not isinstance(last, str):
-        last = None
-    error = status.get("error")
-    return {
-        "connected": bool(status.get("connected")),
-        "last_poll_at": last,
-        "records": status.get("records") if isinstance(status.get("records"), int) else None,
-        "unreadable": status.get("unreadable") if isinstance(status.get("unreadable"), int) else None,
-        "error": str(error)[:300] if error else None,
-    }
-
-
-def scoring_view(
-    store: WorklistStore, consumer_status: ConsumerStatus, stale_after: timedelta, now: datetime
-) -> dict[str, Any]:
-    """What the page's banner needs: whether results still come (store) and whether Kafka is reachable."""
-    view = store.scoring_status(now, stale_after).as_dict()
-    view["kafka"] = consumer_view(consumer_status)
-    return view
-
-
-def sse(event: str | None, data: Any, event_id: int | None = None) -> str:
-    """One server-sent event. JSON data holds no raw newlines, so it is always a single `data:` line."""
-    lines = []
-    if event_id is not None:
-        lines.append(f"id: {event_id}")
-    if event is not None:
-        lines.append(f"event: {event}")
-    lines.append("data: " + json.dumps(data, separators=(",", ":")))
-    return "\n".join(lines) + "\n\n"
-
-
-def thumbnail_png(image: Image.Image, size: int) -> bytes:
-    """A PNG whose longest side is at most `size`: small enough for a list, enough to recognise the film."""
-    image = image.copy()
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
-def refusal_status(exc: CxrError) -> int:
-    """404 for an image that is not there or not allowed or not decodable; 502 for a server that failed us."""
-    failed_upstream = {ErrorCode.FETCH_FAILED, ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT}
-    return 502 if isinstance(exc, FetchError) and exc.code in failed_upstream else 404
-
-
-# ----------------------------------------------------------------------------------------------- thumbnails
-
-
-class Thumbnails:
-    """Small PNGs of the studies' images, fetched and decoded by the scorer's own code under the scorer's own
-    policy (allowed roots, allowed DICOMweb hosts, size limits): the page can never make the worklist fetch
-    what the scorer would refuse. Bounded in time, in concurrency, and in memory (an LRU of recent ones)."""
-
-    def __init__(
-        self,
-        policy: FetchPolicy,
-        limits: DecodeLimits,
-        *,
-        size: int = 256,
-        deadline_s: float = 10.0,
-        concurrency: int = 4,
-        cache_entries: int = 128,
-    ) -> None:
-        self.policy = policy
-        self.limits = limits
-        self.size = size
-        self.deadline_s = deadline_s
-        self.concurrency = concurrency
-        self.cache_entries = cache_entries
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-        self._limiter: anyio.CapacityLimiter | None = None
-
-    def cached(self, uri: str) -> bytes | None:
-        with self._lock:
-            png = self._cache.get(uri)
-            if png is not None:
-                self._cache.move_to_end(uri)
-            return png
-
-    def render(self, uri: str) -> bytes:
-        """Fetch, decode and shrink one image (blocking: run it in a worker thread). Raises `CxrError`."""
-        png = self.cached(uri)
-        if png is not None:
-            return png
-        data = fetch(uri, self.policy, time.monotonic() + self.deadline_s)
-        png = thumbnail_png(decode_image(data, self.limits, draft_size=(self.size, self.size)), self.size)
-        with self._lock:
-            self._cache[uri] = png
-            while len(self._cache) > self.cache_entries:
-                self._cache.popitem(last=False)
-        return png
-
-    async def get(self, uri: str) -> bytes:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.concurrency)
-        return await to_thread.run_sync(self.render, uri, limiter=self._limiter)
-
-
-# ------------------------------------------------------------------------------------------- event stream
-
-
-class EventFeed:
-    """Server-sent events from the store's change log, so a page that reconnects resumes without gaps.
-
-    Each change is sent once with its id; EventSource sends the last id back when it reconnects. A resume
-    point older than the oldest kept change (pruned) or newer than the newest (another database) gets an
-    `event: reset`: the page reconciles from /api/snapshot. Every client polls the store (cheap indexed reads);
-    a rendered change is cached so that many clients cost one study lookup per change, and the number of
-    clients is bounded.
-    """
-
-    def __init__(
-        self,
-        store: WorklistStore,
-        consumer_status: ConsumerStatus,
-        stale_after: timedelta,
-        *,
-        poll_s: float = 0.4,
-        heartbeat_s: float = 15.0,
-        scoring_every_s: float = 2.0,
-        retry_ms: int = 3000,
-        max_clients: int = 64,
-        batch: int = 200,
-    ) -> None:
-        self.store = store
-        self.consumer_status = consumer_status
-        self.stale_after = stale_after
-        self.poll_s = poll_s
-        self.heartbeat_s = heartbeat_s
-        self.scoring_every_s = scoring_every_s
-        self.retry_ms = retry_ms
-        self.max_clients = max_clients
-        self.batch = batch
-        self.clients = 0
-        self._clients_lock = threading.Lock()
-        self._rendered: OrderedDict[int, str] = OrderedDict()
-        self._rendered_lock = threading.Lock()
-        self._limiter: anyio.CapacityLimiter | None = None
-        self._closed = threading.Event()
-
-    def close(self) -> None:
-        """End every stream at its next poll: a server stopping gracefully otherwise waits for pages that never
-        hang up. New streams end at once (their pages retry, and find the next server)."""
-        self._closed.set()
-
-    def join(self) -> bool:
-        with self._clients_lock:
-            if self.clients >= self.max_clients:
-                return False
-            self.clients += 1
-            return True
-
-    def leave(self) -> None:
-        with self._clients_lock:
-            self.clients = max(0, self.clients - 1)
-
-    def start_point(self, requested: int | None) -> tuple[int, bool]:
-        """(the id to send changes after, whether the client must reconcile from the snapshot first).
-        `requested` -1 stands for a resume point that could not be read."""
-        first, last = self.store.change_range()
-        if requested is None:
-            return last, False
-        if requested < 0 or requested > last or requested + 1 < first:
-            return last, True
-        return requested, False
-
-    def render(self, changes: list[Change]) -> list[str]:
-        """The events for some changes, each with the study's view as it is now (blocking)."""
-        now = datetime.now(UTC)
-        views: dict[str, dict[str, Any] | None] = {}
-        out = []
-        for change in changes:
-            with self._rendered_lock:
-                text = self._rendered.get(change.id)
-            if text is None:
-                study = None
-                if change.study_key is not None:
-                    if change.study_key not in views:
-                        try:
-                            views[change.study_key] = self.store.study(change.study_key, now)
-                        except StoreError:  # forgotten since (pruned)
-                            views[change.study_key] = None
-                    study = views[change.study_key]
-                data = {"id": change.id, "what": change.what, "study_key": change.study_key, "study": study}
-                text = sse(change.what, data, change.id)
-                with self._rendered_lock:
-                    self._rendered[change.id] = text
-                    while len(self._rendered) > 4 * self.batch:
-                        self._rendered.popitem(last=False)
-            out.append(text)
-        return out
-
-    def scoring(self) -> dict[str, Any]:
-        return scoring_view(self.store, self.consumer_status, self.stale_after, datetime.now(UTC))
-
-    async def _call(self, func: Callable[..., Any], *args: Any) -> Any:
-        # A limiter of its own: clients polling can never take every worker thread from the API's requests.
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(8)
-        return await to_thread.run_sync(func, *args, limiter=self._limiter)
-
-    async def stream(self, requested: int | None) -> AsyncIterator[str]:
-        """The event stream for one client, from after `requested` (None: from now); ends when cancelled."""
-        cursor, reset = await self._call(self.start_point, requested)
-        yield f"retry: {self.retry_ms}\n\n"
-        if reset:
-            yield sse("reset", {"last_event_id": cursor}, cursor)
-        scoring_seen: tuple[Any, ...] | None = None
-        next_scoring = 0.0
-        last_sent = time.monotonic()
-        while not self._closed.is_set():
-            now = time.monotonic()
-            if now >= next_scoring:
-                scoring = await self._call(self.scoring)
-                seen = (scoring["state"], scoring["kafka"]["connected"])
-                if seen != scoring_seen:
-                    yield sse("scoring", scoring)
-                    scoring_seen, last_sent = seen, now
-                next_scoring = now + self.scoring_every_s
-            changes: list[Change] = await self._call(self.store.changes_since, cursor, self.batch)
-            if changes and changes[0].id != cursor + 1:
-                cursor, reset = await self._call(self.start_point, cursor)
-                if reset:  # what came between was pruned while this client was behind
-                    yield sse("reset", {"last_event_id": cursor}, cursor)
-                    last_sent = now
-                    continue
-            if changes:
-                for text in await self._call(self.render, changes):
-                    yield text
-                cursor, last_sent = changes[-1].id, now
-                if len(changes) == self.batch:
-                    continue  # more waiting: no pause
-            elif now - last_sent >= self.heartbeat_s:
-                yield ": keep-alive\n\n"
-                last_sent = now
-            await anyio.sleep(self.poll_s)
-
-
-class _EventStreamResponse(StreamingResponse):
-    """Gives the client's place back however the stream ends (even if it never started)."""
-
-    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(content, media_type="text/event-stream", headers=headers)
-        self._release = release
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._release()
-
-
-# -------------------------------------------------------------------------------------------------- metrics
-
-
-class WorklistCollector(Collector):
-    """The worklist's gauges, read from the store at scrape time (nothing to keep in step)."""
-
-    def __init__(self, store: WorklistStore, feed: EventFeed) -> None:
-        self.store = store
-        self.feed = feed
-
-    def describe(self) -> Iterable[Metric]:
-        return []  # registering must not touch the store
-
-    def collect(self) -> Iterable[Metric]:
-        now = datetime.now(UTC)
-        studies = GaugeMetricFamily("cxr_worklist_studies", "Studies on the worklist, by status.", labels=["status"])
-        for status, count in sorted(self.store.counts().items()):
-            studies.add_metric([status], count)
-        yield studies
-        _, items = self.store.queue(now, limit=1_000_000)
-        open_by = GaugeMetricFamily(
-            "cxr_worklist_open_studies", "Open (unread or claimed) studies, by priority.", labels=["priority"]
-        )
-        oldest = GaugeMetricFamily(
-            "cxr_worklist_oldest_wait_seconds",
-            "How long the longest-waiting open study has waited.",
-            labels=["priority"],
-        )
-        for name in PRIORITY_FILTERS:
-            mine = [i for i in items if (i["priority"] or "UNSCORED") == name]
-            open_by.add_metric([name], len(mine))
-            arrived = [datetime.fromisoformat(i["arrived_at"]) for i in mine]
-            oldest.add_metric([name], max(((now - a).total_seconds() for a in arrived), default=0.0))
-        yield open_by
-        yield oldest
-        overdue = sum(1 for i in items if i["overdue"])
-        yield GaugeMetricFamily("cxr_worklist_overdue_studies", "Open studies past their maximum wait.", value=overdue)
-        scoring = self.feed.scoring()
-        stalled = 1.0 if scoring["state"] == "stalled" else 0.0
-        yield GaugeMetricFamily(
-            "cxr_worklist_scoring_stalled", "1 while images wait for results and none arrive.", value=stalled
-        )
-        yield GaugeMetricFamily(
-            "cxr_worklist_pending_images", "Images announced but not yet scored.", value=scoring["pending"]
-        )
-        connected = 1.0 if scoring["kafka"]["connected"] else 0.0
-        yield GaugeMetricFamily("cxr_worklist_kafka_connected", "1 while the consumer reaches Kafka.", value=connected)
-        total_letters, _ = self.store.dead_letters(limit=0)
-        yield GaugeMetricFamily("cxr_worklist_dead_letters", "Dead letters kept for the page.", value=total_letters)
-        feedback = GaugeMetricFamily(
-            "cxr_worklist_feedback",
-            "Readers' verdicts on the AI's finding (latest per reader and study), by model version.",
-            labels=["model", "version", "verdict"],
-        )
-        for item in self.store.feedback_summary():
-            for verdict in Verdict:
-                model = item["model"]
-                feedback.add_metric([model["name"] or "", model["version"] or "", verdict.value], item[verdict.value])
-        yield feedback
-        yield GaugeMetricFamily("cxr_worklist_event_clients", "Pages following live updates.", value=self.feed.clients)
-
-
 # ---------------------------------------------------------------------------------------------- middleware
 
 
+#: Paths a probe or Prometheus reaches without credentials (they carry no study data).
+_OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def refusal(scope: Scope, authorization: str | None) -> tuple[int, str] | None:
+    """Why a request is refused before routing, if it is.
+
+    A request needs the site's basic credentials when one is configured. A request that changes something
+    must come from the page itself: a browser sends a logged-in reader's credentials to this host even from
+    another site's form, and marking a study read takes it off the queue, so cross-site writes are refused.
+    """
+    path: str = scope["path"]
+    if authorization is not None and path not in _OPEN_PATHS:
+        given = _header(scope, b"authorization") or ""
+        if not hmac.compare_digest(given.encode("latin-1"), authorization.encode("latin-1")):
+            return 401, "credentials required"
+    if scope["method"] not in _SAFE_METHODS:
+        if _header(scope, b"sec-fetch-site") in ("cross-site", "same-site"):
+            return 403, "changes are accepted from the worklist's own page only"
+        origin = _header(scope, b"origin")
+        # Behind a reverse proxy the page's host arrives as X-Forwarded-Host.
+        hosts = {(_header(scope, name) or "").lower() for name in (b"host", b"x-forwarded-host")}
+        if origin is not None and urlsplit(origin).netloc.lower() not in hosts:
+            return 403, "changes are accepted from the worklist's own page only"
+    return None
+
+
 class _Edge:
-    """Two things every request needs before routing and after answering.
+    """What every request needs before routing and after answering.
 
     Study keys are DICOM UIDs or event ids, and an event id may hold any printable character, '/' included.
     Routing sees the path percent-decoded, where an encoded '/' would split the key in two; so under
@@ -636,12 +151,19 @@ class _Edge:
         (b"x-frame-options", b"DENY"),
     )
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, authorization: str | None = None) -> None:
         self.app = app
+        self.authorization = authorization
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        refused = refusal(scope, self.authorization)
+        if refused is not None:
+            status, detail = refused
+            headers = {"WWW-Authenticate": 'Basic realm="cxr-stream worklist"'} if status == 401 else None
+            await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
             return
         path: str = scope["path"]
         raw = scope.get("raw_path")
@@ -697,12 +219,16 @@ def create_app(
     registry.register(WorklistCollector(store, feed))
 
     app = FastAPI(
+        # No /docs or /redoc: their scripts come from a CDN, which neither a hospital network nor the page's
+        # content security policy allows; /openapi.json is there for any OpenAPI viewer.
+        docs_url=None,
+        redoc_url=None,
         title="cxr-stream triage worklist",
         version="1",
         description="The queue of chest X-rays in reading order, what readers do with it, and its live updates.",
     )
     app.state.events = feed  # `app.state.events.close()` before stopping the server ends the open streams
-    app.add_middleware(_Edge)
+    app.add_middleware(_Edge, authorization=settings.worklist_authorization())
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(StoreError)
@@ -881,7 +407,7 @@ def create_app(
                 requested = -1  # unknown: the page reconciles
         if not feed.join():
             return JSONResponse({"detail": "too many pages are following live updates"}, status_code=503)
-        return _EventStreamResponse(feed.stream(requested), feed.leave)
+        return EventStreamResponse(feed.stream(requested), feed.leave)
 
     # Operations -----------------------------------------------------------------------------------------
 

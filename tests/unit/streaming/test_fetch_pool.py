@@ -579,7 +579,7 @@ def test_credentials_that_are_not_a_valid_header_are_refused_without_quoting_the
 
 
 def test_scoring_config_carries_the_retry_settings() -> None:
-    from streaming.pipeline import scoring_config
+    from streaming.scoring import scoring_config
     from streaming.settings import Settings
 
     settings = Settings.load(

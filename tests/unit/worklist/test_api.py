@@ -23,14 +23,17 @@ import httpx
 import pytest
 import uvicorn
 from PIL import Image
+from pydantic import SecretStr
 
 from streaming.contracts import Reference, Source, build_dead_letter, build_result, rfc3339
 from streaming.errors import ErrorCode, FetchError
 from streaming.settings import Settings
 from worklist import events
 from worklist import store as store_module
-from worklist.api import EventFeed, create_app, local_midnight, parse_priorities
+from worklist.api import create_app
+from worklist.live import EventFeed
 from worklist.store import WorklistStore
+from worklist.views import local_midnight, parse_priorities
 
 with warnings.catch_warnings():  # Starlette nudges towards httpx2; httpx is what the project pins
     warnings.simplefilter("ignore")
@@ -730,3 +733,54 @@ def test_events_over_http_resume_from_last_event_id_and_are_bounded(
         key = quote("odd/key ?", safe="")
         add_results(store, result_json("odd/key ?", None))
         assert http.get(f"{url}/api/studies/{key}").json()["key"] == "odd/key ?"  # a real server's raw path too
+
+
+# ------------------------------------------------------------------------------------------ who may ask
+
+
+def test_a_password_protects_the_page_and_the_api_but_not_the_probes(
+    store: WorklistStore, settings: Settings, consumer: FakeConsumer, queue: dict[str, str]
+) -> None:
+    protected = settings.model_copy(update={"worklist_password": SecretStr("s3cret")})
+    with TestClient(create_app(store, protected, consumer.status, feed=fast_feed(store, consumer))) as client:
+        for path in ("/", "/api/studies", "/api/snapshot", "/openapi.json"):
+            refused = client.get(path)
+            assert refused.status_code == 401, path
+            assert refused.headers["www-authenticate"].startswith("Basic")
+        assert client.get("/api/studies", auth=("cxr", "wrong")).status_code == 401
+        assert client.get("/api/studies", auth=("cxr", "s3cret")).status_code == 200
+        assert client.post(f"/api/studies/{queue['STAT']}/read").status_code == 401
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            assert client.get(probe).status_code != 401, probe
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://elsewhere.example"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://testserver"},
+    ],
+)
+def test_changes_from_another_site_are_refused(
+    client: TestClient, store: WorklistStore, queue: dict[str, str], headers: dict[str, str]
+) -> None:
+    """A reader's browser would send its credentials with another site's form: that must not mark a study read."""
+    refused = client.post(f"/api/studies/{queue['STAT']}/read", headers=headers)
+    assert refused.status_code == 403
+    assert store.study(queue["STAT"], datetime.now(UTC))["status"] == "unread"
+    assert client.get("/api/studies", headers=headers).status_code == 200  # reading is not a change
+
+
+def test_changes_from_the_page_itself_are_accepted_also_behind_a_proxy(
+    client: TestClient, queue: dict[str, str]
+) -> None:
+    same = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+    assert client.post(f"/api/studies/{queue['STAT']}/claim", json={"reader": "A"}, headers=same).status_code == 200
+    proxied = {"Origin": "https://worklist.hospital.example", "X-Forwarded-Host": "worklist.hospital.example"}
+    assert client.post(f"/api/studies/{queue['STAT']}/read", headers=proxied).status_code == 200
+
+
+def test_no_swagger_page_that_would_load_scripts_from_the_internet(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 404
+    assert "/api/studies" in client.get("/openapi.json").json()["paths"]
