@@ -123,16 +123,6 @@ def read_descriptor(bundle_dir: Path) -> Descriptor:
         raise BundleError(f"invalid {path}: {exc}") from None
 
 
-def read_normal_labels(bundle_dir: Path) -> tuple[str, ...]:
-    """A bundle's normal labels, for consumers of results that order studies by their strongest finding; without
-    a readable bundle, none (a result's own top finding then stands for its score)."""
-    try:
-        return tuple(read_descriptor(bundle_dir).normal_labels)
-    except (BundleError, OSError) as exc:
-        log.warning("no model bundle to read normal labels from (%s); ordering ROUTINE by top finding only", exc)
-        return ()
-
-
 def resolve_model_path(descriptor: Descriptor, bundle_dir: Path) -> Path:
     ref = descriptor.model.path
     if ref.startswith("pkg:"):

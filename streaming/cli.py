@@ -277,7 +277,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_worklist(args: argparse.Namespace) -> int:
-    settings = load_settings(args, worklist_port=args.port, worklist_db=args.db, worklist_host=args.host)
+    settings = load_settings(
+        args,
+        worklist_port=args.port,
+        worklist_db=args.db,
+        worklist_host=args.host,
+        worklist_start="latest" if getattr(args, "from_now", False) else None,
+    )
     if args.worklist_command == "simulate":
         from worklist.simulate import run_simulation
 
@@ -375,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     worklist.add_argument("--port", type=int, help="HTTP port (default 8080; CXR_WORKLIST_PORT)")
     worklist.add_argument("--host", help="address to listen on (default 127.0.0.1; CXR_WORKLIST_HOST)")
     worklist.add_argument("--db", type=Path, help="the worklist's SQLite file (default .cxr/worklist.db)")
+    worklist.add_argument(
+        "--from-now",
+        action="store_true",
+        help="on a first start (a worklist file without offsets), read the topics from their end, not their"
+        " beginning: what they already hold is not queued (CXR_WORKLIST_START=latest); later starts resume",
+    )
     worklist.set_defaults(func=cmd_worklist, worklist_command=None)
     worklist_sub = worklist.add_subparsers(dest="worklist_command")
     simulate = worklist_sub.add_parser(

@@ -18,7 +18,7 @@ import re
 from collections.abc import Collection
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -253,6 +253,14 @@ class Settings(BaseSettings):
     #: With a password, the page and the API ask for HTTP basic credentials (the probes and /metrics do not).
     worklist_username: str = "cxr"
     worklist_password: SecretStr | None = None
+    #: The host names the page and the API answer to (the Host header, and X-Forwarded-Host behind a proxy),
+    #: besides loopback names, so that another site cannot reach them through DNS rebinding. Unset: loopback
+    #: names only while listening on loopback; any name (with a warning at start) when listening elsewhere.
+    worklist_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Where a first start (a worklist file without offsets for the topics) begins: "earliest" puts what the
+    #: topics still hold on the queue, "latest" only what arrives from now on (`cxr worklist --from-now`).
+    #: Partitions added later, and every later start, read on from where the file says either way.
+    worklist_start: Literal["earliest", "latest"] = "earliest"
 
     # Observability
     metrics_port: int = Field(default=9108, ge=0, le=65535)
@@ -270,6 +278,16 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("worklist_allowed_hosts", mode="before")
+    @classmethod
+    def _worklist_hosts_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("worklist_allowed_hosts")
+    @classmethod
+    def _worklist_hosts(cls, hosts: list[str]) -> list[str]:
+        return [h.strip().lower() for h in hosts if h.strip()]
 
     @field_validator("allowed_roots")
     @classmethod

@@ -9,6 +9,7 @@ identify a patient.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,6 +55,10 @@ log = logging.getLogger("cxr.worklist.api")
 STATIC_DIR = Path(__file__).parent / "static"
 #: The most studies one page of the queue returns.
 MAX_PAGE = 500
+#: The largest `offset` a paged list accepts (SQLite's integers end at 2**63; a page that far is empty anyway).
+MAX_OFFSET = 10**9
+#: The largest change id a page may resume after.
+MAX_EVENT_ID = 2**62
 _STUDIES_PREFIX = "/api/studies/"
 _RAW_KEY = "cxr.raw_study_key"
 
@@ -98,9 +103,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------------- middleware
 
 
-#: Paths a probe or Prometheus reaches without credentials (they carry no study data).
+#: Paths a probe or Prometheus reaches without credentials (they carry no study data), and by any host name (a
+#: kubelet probes the pod's address).
 _OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+#: Names that reach a loopback address only: no other site can rebind them.
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+_WRONG_SITE = "changes are accepted from the worklist's own page only"
+_WRONG_HOST = "the worklist does not answer to this host name (its operator can add it to CXR_WORKLIST_ALLOWED_HOSTS)"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -110,26 +120,79 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def refusal(scope: Scope, authorization: str | None) -> tuple[int, str] | None:
+def host_name(value: str) -> str:
+    """The host part of a Host header (or of a configured name), lower case, without port or trailing dot;
+    an IPv6 address in brackets ("[::1]"). "" when there is none."""
+    text = value.strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        return text[: end + 1] if end > 0 else ""
+    if text.count(":") > 1:  # a bare IPv6 address, as a setting may give it
+        return f"[{text}]"
+    return text.partition(":")[0].rstrip(".")
+
+
+def _is_loopback(host: str) -> bool:
+    name = host_name(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def accepted_hosts(settings: Settings) -> frozenset[str] | None:
+    """The host names the worklist answers to (Host, and X-Forwarded-Host when present); None: any.
+
+    A browser sends a page's own host name in Host, and another site cannot change it: a site that rebinds its
+    name to 127.0.0.1 still sends its own name, so checking Host keeps such a site from reading the queue or
+    changing it. CXR_WORKLIST_ALLOWED_HOSTS names the hosts besides loopback names; without it a worklist on
+    loopback answers to loopback names only, and one listening elsewhere to any name (the service warns)."""
+    configured = {name for name in (host_name(h) for h in settings.worklist_allowed_hosts) if name}
+    if configured:
+        return frozenset(configured | LOOPBACK_NAMES)
+    if _is_loopback(settings.worklist_host):
+        return LOOPBACK_NAMES | {host_name(settings.worklist_host)}
+    return None
+
+
+def _forwarded_hosts(scope: Scope) -> list[str]:
+    """X-Forwarded-Host's names (a chain of proxies may list several); none when it is absent."""
+    value = _header(scope, b"x-forwarded-host")
+    return [] if value is None else [part.strip() for part in value.split(",")]
+
+
+def refusal(scope: Scope, authorization: str | None, hosts: frozenset[str] | None = None) -> tuple[int, str] | None:
     """Why a request is refused before routing, if it is.
 
-    A request needs the site's basic credentials when one is configured. A request that changes something
-    must come from the page itself: a browser sends a logged-in reader's credentials to this host even from
-    another site's form, and marking a study read takes it off the queue, so cross-site writes are refused.
+    A request must name a host the worklist answers to (`accepted_hosts`; the probes excepted), so that no
+    other site reaches it through DNS rebinding. It needs the site's basic credentials when one is configured.
+    A request that changes something must come from the page itself: a browser sends a logged-in reader's
+    credentials to this host even from another site's form, and marking a study read takes it off the queue,
+    so cross-site writes, and writes from an opaque origin (`Origin: null`: a sandboxed frame, a file), are
+    refused.
     """
     path: str = scope["path"]
+    if hosts is not None and path not in _OPEN_PATHS:
+        names = [_header(scope, b"host") or "", *_forwarded_hosts(scope)]
+        if any(host_name(name) not in hosts for name in names):
+            return 400, _WRONG_HOST
     if authorization is not None and path not in _OPEN_PATHS:
         given = _header(scope, b"authorization") or ""
         if not hmac.compare_digest(given.encode("latin-1"), authorization.encode("latin-1")):
             return 401, "credentials required"
     if scope["method"] not in _SAFE_METHODS:
         if _header(scope, b"sec-fetch-site") in ("cross-site", "same-site"):
-            return 403, "changes are accepted from the worklist's own page only"
+            return 403, _WRONG_SITE
         origin = _header(scope, b"origin")
-        # Behind a reverse proxy the page's host arrives as X-Forwarded-Host.
-        hosts = {(_header(scope, name) or "").lower() for name in (b"host", b"x-forwarded-host")}
-        if origin is not None and urlsplit(origin).netloc.lower() not in hosts:
-            return 403, "changes are accepted from the worklist's own page only"
+        if origin is not None:
+            # Behind a reverse proxy the page's host arrives as X-Forwarded-Host.
+            own = {name.lower() for name in (_header(scope, b"host") or "", *_forwarded_hosts(scope))}
+            own.discard("")
+            netloc = "" if origin.strip().lower() == "null" else urlsplit(origin.strip()).netloc.lower()
+            if not netloc or netloc not in own:
+                return 403, _WRONG_SITE
     return None
 
 
@@ -151,15 +214,16 @@ class _Edge:
         (b"x-frame-options", b"DENY"),
     )
 
-    def __init__(self, app: ASGIApp, authorization: str | None = None) -> None:
+    def __init__(self, app: ASGIApp, authorization: str | None = None, hosts: frozenset[str] | None = None) -> None:
         self.app = app
         self.authorization = authorization
+        self.hosts = hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refused = refusal(scope, self.authorization)
+        refused = refusal(scope, self.authorization, self.hosts)
         if refused is not None:
             status, detail = refused
             headers = {"WWW-Authenticate": 'Basic realm="cxr-stream worklist"'} if status == 401 else None
@@ -228,7 +292,7 @@ def create_app(
         description="The queue of chest X-rays in reading order, what readers do with it, and its live updates.",
     )
     app.state.events = feed  # `app.state.events.close()` before stopping the server ends the open streams
-    app.add_middleware(_Edge, authorization=settings.worklist_authorization())
+    app.add_middleware(_Edge, authorization=settings.worklist_authorization(), hosts=accepted_hosts(settings))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(StoreError)
@@ -253,7 +317,7 @@ def create_app(
             list[str] | None, Query(max_length=8, description="STAT, URGENT, ROUTINE, UNSCORED")
         ] = None,
         finding: Annotated[str | None, Query(max_length=128, description="the top finding, exactly")] = None,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     ) -> Any:
         """The queue in reading order (open studies), or closed studies most recently closed first."""
@@ -358,7 +422,8 @@ def create_app(
 
     @app.get("/api/dead-letters", response_model=DeadLetterPage, tags=["figures"])
     def dead_letters(
-        offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     ) -> Any:
         """Images that could not be scored and why, newest first."""
         total, items = store.dead_letters(offset=offset, limit=limit)
@@ -378,11 +443,11 @@ def create_app(
         }
 
     @app.get("/api/snapshot", response_model=SnapshotView, tags=["queue"])
-    def snapshot() -> Any:
-        """The whole open queue, recent dead letters and the scoring status, with the change id they are current
-        to: load it, then follow /api/events?last_event_id=that id."""
+    def snapshot(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE) -> Any:
+        """The head of the open queue (`total` says how long it is), recent dead letters and the scoring
+        status, with the change id they are current to: load it, then follow /api/events?last_event_id=that id."""
         now = datetime.now(UTC)
-        view = store.snapshot(now, stale_after)
+        view = store.snapshot(now, stale_after, limit)
         view["scoring"]["kafka"] = consumer_view(consumer_status)
         return view
 
@@ -393,7 +458,9 @@ def create_app(
         tags=["queue"],
     )
     async def events(
-        last_event_id: Annotated[int | None, Query(ge=0, description="resume after this change id")] = None,
+        last_event_id: Annotated[
+            int | None, Query(ge=0, le=MAX_EVENT_ID, description="resume after this change id")
+        ] = None,
         last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
     ) -> Response:
         """Server-sent events: each change of the store (`id`, `event`: what happened, `data`: the study now),
@@ -405,9 +472,11 @@ def create_app(
                 requested = int(last_event_id_header.strip())
             except ValueError:
                 requested = -1  # unknown: the page reconciles
+            if not 0 <= requested <= MAX_EVENT_ID:
+                requested = -1
         if not feed.join():
             return JSONResponse({"detail": "too many pages are following live updates"}, status_code=503)
-        return EventStreamResponse(feed.stream(requested), feed.leave)
+        return EventStreamResponse(feed.stream(requested), feed.leave, write_timeout_s=feed.write_timeout_s)
 
     # Operations -----------------------------------------------------------------------------------------
 

@@ -5,6 +5,11 @@ has read, written in the same transaction as the rows (`WorklistStore.apply`), s
 exactly where the rows end. It assigns itself every partition of the three topics (a second worklist reads the
 same topics without taking partitions from this one) and picks up partitions added later.
 
+Where a partition resumes is checked against the log as the broker has it (`plan_seeks`): an offset that
+retention has deleted meanwhile resumes at the log's start, one past the log's end (the topic was deleted and
+created again) reads the new topic from its beginning, each with a warning; a first start may begin at the
+end of the topics (`CXR_WORKLIST_START=latest`, `cxr worklist --from-now`) instead of their beginning.
+
 Kafka being away is the normal case to survive, not an error to exit on: every failure closes the client,
 waits (capped exponential backoff, interruptible by `stop`) and starts again from the store's offsets. Message
 contents never reach the log (they carry patient identifiers); an unreadable message is logged by its
@@ -19,14 +24,22 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaConfigurationError, KafkaError
 
 from streaming.contracts import rfc3339
 from streaming.settings import Settings
-from worklist.events import DeadLetter, ImageEvent, Unreadable, read_dead_letter, read_reference, read_result
+from worklist.events import (
+    DeadLetter,
+    ImageEvent,
+    NormalLabels,
+    Unreadable,
+    read_dead_letter,
+    read_reference,
+    read_result,
+)
 from worklist.store import WorklistStore
 
 log = logging.getLogger("cxr.worklist.consumer")
@@ -39,6 +52,8 @@ REFRESH_PARTITIONS_S = 30.0
 #: poll looks the same whether the topics are quiet or the broker is gone).
 PROBE_AFTER_S = 5.0
 PROBE_TIMEOUT_MS = 1000
+#: How long the log's start and end offsets of newly assigned partitions may take to arrive.
+OFFSETS_TIMEOUT_MS = 5000
 PRUNE_EVERY_S = 3600.0
 #: How many unreadable messages of one poll are logged one by one; the rest are counted in one line.
 UNREADABLE_LOGGED_PER_POLL = 5
@@ -81,7 +96,7 @@ def convert(
     results_topic: str,
     dead_letter_topic: str,
     input_topic: str,
-    normal_labels: Sequence[str] = (),
+    normal_labels: NormalLabels | Sequence[str] = (),
 ) -> Converted:
     """Kafka records (as `KafkaConsumer.poll` returns them) as worklist records. Pure: no I/O, no logging.
 
@@ -118,19 +133,90 @@ def convert(
     return Converted(out, next_offsets, unreadable, readable)
 
 
+@dataclass(frozen=True)
+class SeekPlan:
+    """Where newly assigned partitions start reading, and why."""
+
+    #: every partition planned: the offset to read next
+    seeks: dict[TopicPartition, int]
+    #: offsets to write to the store at once, so that a restart resumes from the same decision: the end of the
+    #: log on a first start from now, the log's start or beginning after a gap or a recreated topic
+    store: dict[tuple[str, int], int]
+    #: one line per partition whose stored offset the log no longer has (for a WARNING each)
+    warnings: list[str]
+    resumed: int = 0
+    from_beginning: int = 0
+    from_end: int = 0
+
+
+def starts_from_now(
+    start: Literal["earliest", "latest"], stored: Mapping[tuple[str, int], int], topics: Iterable[str]
+) -> bool:
+    """Whether partitions without a stored offset begin at the end of their log: only with `start` "latest"
+    (`CXR_WORKLIST_START`, `--from-now`) and only on a first start, when the store holds no offset of any of
+    `topics`. Once it has started, the store holds an offset for every partition it was assigned, so a
+    partition added later (never in the store) is read from its beginning, as is everything after a restart."""
+    names = set(topics)
+    return start == "latest" and not any(topic in names for topic, _ in stored)
+
+
 def plan_seeks(
-    partitions: Iterable[TopicPartition], stored: Mapping[tuple[str, int], int]
-) -> tuple[dict[TopicPartition, int], list[TopicPartition]]:
-    """Where each partition resumes: the stored next offset where the store has one, else the beginning."""
+    partitions: Iterable[TopicPartition],
+    stored: Mapping[tuple[str, int], int],
+    beginning: Mapping[TopicPartition, int] | None = None,
+    end: Mapping[TopicPartition, int] | None = None,
+    *,
+    from_now: bool = False,
+) -> SeekPlan:
+    """Where each partition resumes. Pure: the broker's answers come in as `beginning` and `end` (each
+    partition's first offset still in the log, and the offset the next message will get).
+
+    - a stored offset inside the log: there (the store is the only record of how far the worklist has read);
+    - a stored offset below the log's start: the messages in between were deleted by retention before the
+      worklist read them; say how many, and read from the log's start;
+    - a stored offset past the log's end: the topic was deleted and created again (its offsets start over);
+      read it from its beginning (images already on the worklist are de-duplicated on `event_id`);
+    - no stored offset: the log's beginning, or with `from_now` its end (`starts_from_now`).
+
+    A partition the broker gave no offsets for resumes at the stored offset, else at its beginning (the
+    client's `auto_offset_reset` "earliest" still applies where the log no longer has it).
+    """
+    beginning = beginning or {}
+    end = end or {}
     seeks: dict[TopicPartition, int] = {}
-    beginning: list[TopicPartition] = []
+    to_store: dict[tuple[str, int], int] = {}
+    warnings: list[str] = []
+    resumed = from_beginning = from_end = 0
     for tp in sorted(partitions):
-        offset = stored.get((tp.topic, tp.partition))
+        key = (tp.topic, tp.partition)
+        offset, first, last = stored.get(key), beginning.get(tp, 0), end.get(tp)
         if offset is None:
-            beginning.append(tp)
+            if from_now and last is not None:
+                seeks[tp] = to_store[key] = last
+                from_end += 1
+            else:
+                seeks[tp] = first
+                from_beginning += 1
+        elif offset < first:
+            warnings.append(
+                f"{tp.topic}/{tp.partition}: {first - offset} message(s) (offsets {offset} to {first - 1}) were"
+                f" deleted by the topic's retention before the worklist read them and can no longer be read;"
+                f" reading on from the log's start at offset {first}"
+            )
+            seeks[tp] = to_store[key] = first
+            from_beginning += 1
+        elif last is not None and offset > last:
+            warnings.append(
+                f"{tp.topic}/{tp.partition}: the worklist had read up to offset {offset}, past the log's end"
+                f" ({last}): the topic looks recreated (deleted and created again); reading it from its"
+                f" beginning (offset {first}; images already on the worklist are not added twice)"
+            )
+            seeks[tp] = to_store[key] = first
+            from_beginning += 1
         else:
             seeks[tp] = offset
-    return seeks, beginning
+            resumed += 1
+    return SeekPlan(seeks, to_store, warnings, resumed, from_beginning, from_end)
 
 
 def short_error(exc: BaseException) -> str:
@@ -155,10 +241,15 @@ def _closing_factory(base: Callable[..., Any], made: list[Any]) -> Callable[...,
 class ResultsConsumer:
     """Reads the results, dead-letter and reference topics into a `WorklistStore` until stopped."""
 
-    def __init__(self, settings: Settings, store: WorklistStore, normal_labels: Sequence[str] = ()) -> None:
+    def __init__(
+        self, settings: Settings, store: WorklistStore, normal_labels: NormalLabels | Sequence[str] = ()
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.normal_labels = tuple(normal_labels)
+        #: a bundle's labels apply to its own model's results only (`NormalLabels`); a bare sequence to all
+        self.normal_labels: NormalLabels | tuple[str, ...] = (
+            normal_labels if isinstance(normal_labels, NormalLabels) else tuple(normal_labels)
+        )
         self.topics = (settings.results_topic, settings.dead_letter_topic, settings.input_topic)
         self._consumer: KafkaConsumer | None = None
         self._backoff = Backoff()
@@ -171,6 +262,7 @@ class ResultsConsumer:
         self._last_contact = 0.0
         self._partitions_checked = 0.0
         self._pruned_at: float | None = None
+        self._start_noted = False
 
     # What the API shows ----------------------------------------------------------------------------
 
@@ -264,8 +356,8 @@ class ResultsConsumer:
         return {**defaults, **configured, **forced}
 
     def _assign(self, consumer: KafkaConsumer, current: set[TopicPartition]) -> None:
-        """Assign every partition of the three topics; partitions not assigned before resume at the store's
-        offset, else at the beginning (the store is the only record of how far the worklist has read)."""
+        """Assign every partition of the three topics; partitions not assigned before resume where
+        `plan_seeks` says (the store's offset, checked against the log the broker has now)."""
         wanted = {TopicPartition(topic, p) for topic in self.topics for p in consumer.partitions_for_topic(topic)}
         self._partitions_checked = time.monotonic()
         if wanted == current:
@@ -276,19 +368,39 @@ class ResultsConsumer:
             consumer.unsubscribe()
             return
         consumer.assign(sorted(wanted))
-        seeks, beginning = plan_seeks(added, self.store.offsets())
-        for tp, offset in seeks.items():
-            consumer.seek(tp, offset)
-        if beginning:
-            consumer.seek_to_beginning(*beginning)
-        log.info(
-            "reading %d partition(s) of %s (%d new: %d resumed from the worklist's offsets, %d from the beginning)",
-            len(wanted),
-            ", ".join(self.topics),
-            len(added),
-            len(seeks),
-            len(beginning),
-        )
+        if added:
+            stored = self.store.offsets()
+            from_now = starts_from_now(self.settings.worklist_start, stored, self.topics)
+            parts = sorted(added)
+            # Raise (KafkaTimeoutError) when the broker does not answer: the loop reconnects.
+            beginning = consumer.beginning_offsets(parts, timeout_ms=OFFSETS_TIMEOUT_MS)
+            end = consumer.end_offsets(parts, timeout_ms=OFFSETS_TIMEOUT_MS)
+            plan = plan_seeks(added, stored, beginning, end, from_now=from_now)
+            if self.settings.worklist_start == "latest" and not from_now and not self._start_noted:
+                log.info("not a first start: the worklist file has offsets, so CXR_WORKLIST_START=latest is ignored")
+            self._start_noted = True
+            for line in plan.warnings:
+                log.warning("%s", line)
+            if plan.store:  # decisions a restart must find (no records: nothing else changes)
+                self.store.apply([], plan.store)
+            for tp, offset in plan.seeks.items():
+                consumer.seek(tp, offset)
+            if plan.from_end:
+                log.info(
+                    "first start from now (CXR_WORKLIST_START=latest): %d partition(s) read from their end,"
+                    " what they already held is not put on the worklist",
+                    plan.from_end,
+                )
+            log.info(
+                "reading %d partition(s) of %s (%d new: %d resumed from the worklist's offsets, %d from the"
+                " beginning, %d from the end)",
+                len(wanted),
+                ", ".join(self.topics),
+                len(added),
+                plan.resumed,
+                plan.from_beginning,
+                plan.from_end,
+            )
 
     def _step(self, consumer: KafkaConsumer, stop: threading.Event) -> None:
         """One round, about a second at most: maybe look for new partitions, maybe check that the broker is

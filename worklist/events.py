@@ -8,14 +8,17 @@ hostile until parsed, and a wrong clock must not move a study by days.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
+from streaming.bundle import BundleError, read_descriptor
 from streaming.contracts import (
     DEAD_LETTER_SCHEMA,
     MAX_FIELD_CHARS,
@@ -28,6 +31,8 @@ from streaming.contracts import (
 )
 from streaming.triage import Priority, finding_strength
 
+log = logging.getLogger("cxr.worklist.events")
+
 #: A producer's clock this far from the broker's is not believed: the broker's timestamp is used instead.
 MAX_CLOCK_SKEW = timedelta(hours=24)
 _MAX_TEXT = 512
@@ -35,6 +40,32 @@ _MAX_TEXT = 512
 
 class Unreadable(ValueError):
     """A message the worklist cannot use; the reason never quotes the message."""
+
+
+@dataclass(frozen=True)
+class NormalLabels:
+    """The normal labels of one model (its bundle's `name` and `normal_labels`).
+
+    They say which scores mean "no disease" for that model only: another model's labels may mean something
+    else entirely, so a result from any other model is ordered by its own top finding instead.
+    """
+
+    model_name: str | None
+    labels: tuple[str, ...] = ()
+
+    def for_model(self, name: str | None) -> tuple[str, ...]:
+        """The labels to score a result of model `name` with: these when it is this bundle's model, else none."""
+        return self.labels if name is not None and name == self.model_name else ()
+
+    @classmethod
+    def of_bundle(cls, bundle_dir: Path) -> NormalLabels:
+        """The bundle's; without a readable bundle, none (every result is then ordered by its top finding)."""
+        try:
+            descriptor = read_descriptor(bundle_dir)
+        except (BundleError, OSError) as exc:
+            log.warning("no model bundle to read normal labels from (%s); ordering ROUTINE by top finding only", exc)
+            return cls(None)
+        return cls(descriptor.name, tuple(descriptor.normal_labels))
 
 
 class Kind(StrEnum):
@@ -185,8 +216,12 @@ def _scores(body: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def read_result(value: bytes | str | None, timestamp_ms: int | None, normal_labels: Sequence[str] = ()) -> ImageEvent:
-    """A `cxr.result/v1` message; `normal_labels` (from the model bundle) let ROUTINE studies be ordered too."""
+def read_result(
+    value: bytes | str | None, timestamp_ms: int | None, normal_labels: NormalLabels | Sequence[str] = ()
+) -> ImageEvent:
+    """A `cxr.result/v1` message. `normal_labels` (from the model bundle) let ROUTINE studies be ordered too:
+    as `NormalLabels`, only for results whose `model.name` is that bundle's name (any other model's result is
+    scored by its top finding); a bare sequence of labels applies to every result."""
     received = kafka_time(timestamp_ms)
     body = _object(value, "result")
     if body.get("schema") != RESULT_SCHEMA:
@@ -205,6 +240,8 @@ def read_result(value: bytes | str | None, timestamp_ms: int | None, normal_labe
         raise Unreadable("the field 'top_finding' names no scored label")
     model = body.get("model")
     model = model if isinstance(model, dict) else {}
+    model_name = _text(model, "name", limit=_MAX_TEXT)
+    normal = normal_labels.for_model(model_name) if isinstance(normal_labels, NormalLabels) else tuple(normal_labels)
     arrived = min(_moment(_text(body, "sent_at", limit=64), received), received)
     scored_at = max(_moment(_text(body, "scored_at", limit=64), received), arrived)
     return ImageEvent(
@@ -216,9 +253,9 @@ def read_result(value: bytes | str | None, timestamp_ms: int | None, normal_labe
         uri=uri,
         priority=priority,
         top_finding=finding,
-        score=finding_strength({"scores": scores, "top_finding": finding}, normal_labels),
+        score=finding_strength({"scores": scores, "top_finding": finding}, normal),
         scores=scores,
-        model_name=_text(model, "name", limit=_MAX_TEXT),
+        model_name=model_name,
         model_version=_text(model, "version", limit=_MAX_TEXT),
         **ids,
     )

@@ -4,6 +4,7 @@ none."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -14,10 +15,16 @@ from typing import Any
 import anyio
 from anyio import to_thread
 from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from worklist.store import Change, StoreError, WorklistStore
+from worklist.store import Change, WorklistStore
 from worklist.views import ConsumerStatus, scoring_view
+
+log = logging.getLogger("cxr.worklist.api")
+
+#: A page that has not taken an event for this long (its connection's buffers are full) is hung up on: it
+#: would otherwise hold one of the feed's places for as long as its connection stays open.
+WRITE_TIMEOUT_S = 30.0
 
 
 def sse(event: str | None, data: Any, event_id: int | None = None) -> str:
@@ -38,7 +45,8 @@ class EventFeed:
     point older than the oldest kept change (pruned) or newer than the newest (another database) gets an
     `event: reset`: the page reconciles from /api/snapshot. Every client polls the store (cheap indexed reads);
     a rendered change is cached so that many clients cost one study lookup per change, and the number of
-    clients is bounded.
+    clients is bounded, and a client that stops reading is hung up on after `write_timeout_s`
+    (`EventStreamResponse`), so that it cannot keep its place for ever.
     """
 
     def __init__(
@@ -53,6 +61,7 @@ class EventFeed:
         retry_ms: int = 3000,
         max_clients: int = 64,
         batch: int = 200,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
     ) -> None:
         self.store = store
         self.consumer_status = consumer_status
@@ -63,6 +72,7 @@ class EventFeed:
         self.retry_ms = retry_ms
         self.max_clients = max_clients
         self.batch = batch
+        self.write_timeout_s = write_timeout_s
         self.clients = 0
         self._clients_lock = threading.Lock()
         self._rendered: OrderedDict[int, str] = OrderedDict()
@@ -97,22 +107,18 @@ class EventFeed:
         return requested, False
 
     def render(self, changes: list[Change]) -> list[str]:
-        """The events for some changes, each with the study's view as it is now (blocking)."""
-        now = datetime.now(UTC)
-        views: dict[str, dict[str, Any] | None] = {}
+        """The events for some changes, each with the study's view as it is now (blocking). The queue is
+        ordered once for the whole batch, not once per study."""
+        with self._rendered_lock:
+            missing = [c for c in changes if c.id not in self._rendered]
+        keys = {c.study_key for c in missing if c.study_key is not None}
+        views = self.store.studies(keys, datetime.now(UTC)) if keys else {}
         out = []
         for change in changes:
             with self._rendered_lock:
                 text = self._rendered.get(change.id)
             if text is None:
-                study = None
-                if change.study_key is not None:
-                    if change.study_key not in views:
-                        try:
-                            views[change.study_key] = self.store.study(change.study_key, now)
-                        except StoreError:  # forgotten since (pruned)
-                            views[change.study_key] = None
-                    study = views[change.study_key]
+                study = views.get(change.study_key) if change.study_key is not None else None
                 data = {"id": change.id, "what": change.what, "study_key": change.study_key, "study": study}
                 text = sse(change.what, data, change.id)
                 with self._rendered_lock:
@@ -168,16 +174,40 @@ class EventFeed:
             await anyio.sleep(self.poll_s)
 
 
-class EventStreamResponse(StreamingResponse):
-    """Gives the client's place back however the stream ends (even if it never started)."""
+class _Stalled(Exception):
+    """The client took nothing for the whole write timeout."""
 
-    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
+
+class EventStreamResponse(StreamingResponse):
+    """An event stream that gives the client's place back however it ends (even if it never started), and
+    ends when one write waits longer than `write_timeout_s`: a client that stops reading (a suspended laptop,
+    a stuck proxy) leaves its connection open, and the server would wait on it for ever."""
+
+    def __init__(
+        self, content: AsyncIterator[str], release: Callable[[], None], *, write_timeout_s: float = WRITE_TIMEOUT_S
+    ) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._content = content
         self._release = release
+        self.write_timeout_s = write_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message: Message) -> None:
+            try:
+                with anyio.fail_after(self.write_timeout_s):
+                    await send(message)
+            except TimeoutError:
+                raise _Stalled from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except _Stalled:
+            # Returning with the response unfinished makes the server close the connection.
+            log.warning("a page took no live update for %g s; its event stream was ended", self.write_timeout_s)
         finally:
             self._release()
+            close = getattr(self._content, "aclose", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()

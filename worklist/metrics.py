@@ -13,6 +13,10 @@ from worklist.live import EventFeed
 from worklist.store import Verdict, WorklistStore
 from worklist.views import PRIORITY_FILTERS
 
+#: The head of the queue a scrape reads: ordering the open studies is the one cost that grows with the queue
+#: (and holds the store's lock), so a scrape renders no more than this many of them.
+SCRAPED = 500
+
 
 class WorklistCollector(Collector):
     """The worklist's gauges, read from the store at scrape time (nothing to keep in step)."""
@@ -30,13 +34,26 @@ class WorklistCollector(Collector):
         for status, count in sorted(self.store.counts().items()):
             studies.add_metric([status], count)
         yield studies
-        _, items = self.store.queue(now, limit=1_000_000)
+        # The head of the queue, never all of it (rendering 20,000 open studies would hold the store's lock for
+        # half a second a scrape). In reading order every STAT study and every overdue one comes before the
+        # rest, so the overdue count and the STAT figures are exact while those number under SCRAPED; the other
+        # figures by class are exact while the whole queue fits, and lower bounds beyond.
+        _, items = self.store.queue(now, limit=SCRAPED)
+        yield GaugeMetricFamily(
+            "cxr_worklist_scraped_open_studies",
+            f"Open studies the figures by priority and the overdue count cover: the head of the queue, at most"
+            f" {SCRAPED}. Below the open studies of cxr_worklist_studies, those figures are lower bounds.",
+            value=len(items),
+        )
         open_by = GaugeMetricFamily(
-            "cxr_worklist_open_studies", "Open (unread or claimed) studies, by priority.", labels=["priority"]
+            "cxr_worklist_open_studies",
+            f"Open (unread or claimed) studies, by priority, among the first {SCRAPED} in reading order.",
+            labels=["priority"],
         )
         oldest = GaugeMetricFamily(
             "cxr_worklist_oldest_wait_seconds",
-            "How long the longest-waiting open study has waited.",
+            f"How long the longest-waiting open study has waited, by priority, among the first {SCRAPED} in"
+            " reading order.",
             labels=["priority"],
         )
         for name in PRIORITY_FILTERS:
@@ -47,7 +64,11 @@ class WorklistCollector(Collector):
         yield open_by
         yield oldest
         overdue = sum(1 for i in items if i["overdue"])
-        yield GaugeMetricFamily("cxr_worklist_overdue_studies", "Open studies past their maximum wait.", value=overdue)
+        yield GaugeMetricFamily(
+            "cxr_worklist_overdue_studies",
+            f"Open studies past their maximum wait, among the first {SCRAPED} in reading order.",
+            value=overdue,
+        )
         scoring = self.feed.scoring()
         stalled = 1.0 if scoring["state"] == "stalled" else 0.0
         yield GaugeMetricFamily(

@@ -3,7 +3,7 @@
 Evidence behind the rule: ordering by AI priority alone cuts the mean wait of urgent studies but lets missed
 positives sink (Baltruschat et al., Eur Radiol 2021: the maximum report turnaround for pneumothorax rose from
 890 to 1,293 minutes); a maximum wait per class brings the tail back. So a study past its class's maximum wait
-is escalated above everything that is not, earliest deadline first, and shown overdue.
+is escalated above everything that is not, except STAT studies, earliest deadline first, and shown overdue.
 
 Two rules protect the site's control: a priority a person set is the study's class whatever the AI says, and a
 study the AI could not score (yet) is never hidden or treated as routine: it is read in arrival order after
@@ -111,14 +111,26 @@ def _fifo_key(p: Placed) -> tuple[object, ...]:
 
 def _priority_key(p: Placed) -> tuple[object, ...]:
     e = p.entry
-    score = -e.score if e.score is not None and e.priority is not None else 0.0
-    return (_BAND[e.priority], score, e.arrived_at, e.key)
+    return (_BAND[e.priority], _score_key(e), e.arrived_at, e.key)
+
+
+def _score_key(e: Entry) -> float:
+    return -e.score if e.score is not None and e.priority is not None else 0.0
 
 
 def _capped_key(p: Placed) -> tuple[object, ...]:
+    """STAT first (its own overdue ones first), then every other overdue study by deadline, then the bands.
+
+    Escalation never passes a STAT study: on an overloaded day the overdue ROUTINE studies would otherwise
+    hold back every new STAT one, which then waits past its own cap behind them.
+    """
+    e = p.entry
+    due = p.due_at.timestamp()
+    if e.priority == Priority.STAT:
+        return (0, 0, due, 0.0, e.arrived_at, e.key) if p.overdue else (0, 1, 0.0, _score_key(e), e.arrived_at, e.key)
     if p.overdue:
-        return (0, p.due_at, *_fifo_key(p))
-    return (1, *_priority_key(p))
+        return (1, 0, due, 0.0, e.arrived_at, e.key)
+    return (2, _BAND[e.priority], 0.0, _score_key(e), e.arrived_at, e.key)
 
 
 _KEYS = {Policy.FIFO: _fifo_key, Policy.PRIORITY: _priority_key, Policy.CAPPED: _capped_key}

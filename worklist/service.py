@@ -13,10 +13,10 @@ from datetime import timedelta
 
 import uvicorn
 
-from streaming.bundle import read_normal_labels
 from streaming.settings import Settings
-from worklist.api import create_app
+from worklist.api import accepted_hosts, create_app
 from worklist.consumer import ResultsConsumer
+from worklist.events import NormalLabels
 from worklist.ordering import MaxWait
 from worklist.store import WorklistStore
 
@@ -27,7 +27,7 @@ class WorklistService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = WorklistStore(settings.worklist_db, MaxWait.from_settings(settings))
-        self.consumer = ResultsConsumer(settings, self.store, read_normal_labels(settings.model_bundle))
+        self.consumer = ResultsConsumer(settings, self.store, NormalLabels.of_bundle(settings.model_bundle))
         self.app = create_app(self.store, settings, self.consumer.status)
         self._stop = threading.Event()
         self._socket = socket.create_server((settings.worklist_host, settings.worklist_port), reuse_port=False)
@@ -43,6 +43,12 @@ class WorklistService:
         return f"http://{shown}:{self.port}/"
 
     def start(self) -> WorklistService:
+        if accepted_hosts(self.settings) is None:
+            log.warning(
+                "the worklist listens on %s and answers to any host name: another site could reach it through DNS"
+                " rebinding; set CXR_WORKLIST_ALLOWED_HOSTS to the names readers use",
+                self.settings.worklist_host or "every interface",
+            )
         self._threads = [
             threading.Thread(target=self.consumer.run, args=(self._stop,), name="worklist-consumer", daemon=True),
             threading.Thread(target=self._serve, name="worklist-http", daemon=True),

@@ -49,11 +49,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from streaming.bundle import read_normal_labels
 from streaming.contracts import DEAD_LETTER_SCHEMA, parse_timestamp
 from streaming.settings import Settings
 from streaming.triage import PRIORITY_RANK, Priority
-from worklist.events import ImageEvent, Unreadable, read_dead_letter, read_result
+from worklist.events import ImageEvent, NormalLabels, Unreadable, read_dead_letter, read_result
 from worklist.ordering import Entry, MaxWait, Policy, order
 from worklist.waits import WaitSummary, summarize
 
@@ -287,7 +286,7 @@ def _study(images: Sequence[ImageEvent]) -> Arrival:
     return Arrival(images[0].study_key, arrived, lead.priority, lead.score)
 
 
-def read_results_file(path: Path, normal_labels: Sequence[str] = ()) -> FileDay:
+def read_results_file(path: Path, normal_labels: NormalLabels | Sequence[str] = ()) -> FileDay:
     """`cxr.result/v1` messages, one JSON object a line (dead letters too: their studies are unscored).
 
     A line that cannot be used is counted by reason, never fatal; images are de-duplicated on `event_id` and
@@ -594,7 +593,7 @@ def run_simulation(args: argparse.Namespace, settings: Settings) -> int:
     if args.results is not None:
         if not Path(args.results).is_file():
             raise FileNotFoundError(f"no results file {args.results}")
-        day = read_results_file(args.results, read_normal_labels(settings.model_bundle))
+        day = read_results_file(args.results, NormalLabels.of_bundle(settings.model_bundle))
         arrivals, unreadable, source = day.arrivals, day.unreadable, f"results file {Path(args.results).name}"
         if unreadable:
             log.warning(

@@ -107,12 +107,15 @@ CREATE TABLE IF NOT EXISTS studies (
     images INTEGER NOT NULL DEFAULT 0, scored INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL DEFAULT 'unread', claimed_by TEXT, claimed_at REAL,
     closed_at REAL, closed_by TEXT, dismiss_reason TEXT,
-    person_priority TEXT, person_priority_by TEXT, updated_at REAL NOT NULL);
+    person_priority TEXT, person_priority_by TEXT, person_priority_at REAL, queued_from REAL,
+    updated_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS studies_by_status ON studies (status, closed_at);
 CREATE TABLE IF NOT EXISTS dead_letters (
-    topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
     event_id TEXT, study_key TEXT, stage TEXT NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL,
-    failed_at REAL NOT NULL, PRIMARY KEY (topic, partition, offset));
+    failed_at REAL NOT NULL,
+    -- a replayed letter is the same record, while a recreated topic reuses offsets for other letters
+    UNIQUE (topic, partition, offset, failed_at, error));
 CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (failed_at);
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT, study_key TEXT NOT NULL, model_name TEXT, model_version TEXT,
@@ -177,10 +180,12 @@ class WorklistStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may have rolled back by itself (a full disk): the original error is the one to see.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     # Kafka side ----------------------------------------------------------------------------------
 
@@ -216,7 +221,8 @@ class WorklistStore:
     @staticmethod
     def _add_dead_letter(db: sqlite3.Connection, letter: DeadLetter) -> bool:
         cursor = db.execute(
-            "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO dead_letters (topic, partition, offset, event_id, study_key, stage, error, reason,"
+            " failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 letter.topic,
                 letter.partition,
@@ -274,17 +280,34 @@ class WorklistStore:
 
     @staticmethod
     def _refresh_study(db: sqlite3.Connection, key: str, now: float, *, new_image: bool) -> None:
-        """A study is as urgent as its most urgent image; its score and finding are that image's."""
+        """A study is as urgent as its most urgent image; its score and finding are that image's.
+
+        Three rules keep the queue honest. A study whose scored images are all ROUTINE while another image is
+        still waiting or failed counts as unscored: nobody knows yet that the rest is routine. A new image of a
+        study already read puts it back on the queue, waiting from that image's arrival (not from the first
+        image's, which would make it overdue at once). A priority a person set stands, unless an image scored
+        after they set it is more urgent: the AI never lowers a person's priority, but news they have not
+        seen may raise it.
+        """
+        existing = db.execute(
+            "SELECT status, queued_from, person_priority, person_priority_at FROM studies WHERE key = ?", (key,)
+        ).fetchone()
         images = db.execute("SELECT * FROM images WHERE study_key = ?", (key,)).fetchall()
+        newest = max(images, key=lambda i: i["arrived_at"])
+        reopen = new_image and existing is not None and existing["status"] in CLOSED
+        queued_from = newest["arrived_at"] if reopen else (existing["queued_from"] if existing else None)
         scored = [i for i in images if i["kind"] == Kind.SCORED]
         lead = min(scored, key=lambda i: (PRIORITY_RANK[Priority(i["priority"])], -(i["score"] or 0.0)), default=None)
-        uid = next((i["study_uid"] for i in images if i["study_uid"]), None)
-        accession = next((i["accession"] for i in images if i["accession"]), None)
+        ai_priority = lead["priority"] if lead else None
+        if ai_priority == Priority.ROUTINE and len(scored) < len(images):
+            ai_priority = None
+        waiting = [i["arrived_at"] for i in images if queued_from is None or i["arrived_at"] >= queued_from]
         values = {
-            "study_uid": uid,
-            "accession": accession,
-            "arrived_at": min(i["arrived_at"] for i in images),
-            "ai_priority": lead["priority"] if lead else None,
+            "study_uid": next((i["study_uid"] for i in images if i["study_uid"]), None),
+            "accession": next((i["accession"] for i in images if i["accession"]), None),
+            "arrived_at": min(waiting or [newest["arrived_at"]]),
+            "queued_from": queued_from,
+            "ai_priority": ai_priority,
             "score": lead["score"] if lead else None,
             "top_finding": lead["top_finding"] if lead else None,
             "model_name": lead["model_name"] if lead else None,
@@ -294,21 +317,29 @@ class WorklistStore:
             "failed": sum(1 for i in images if i["kind"] == Kind.FAILED),
             "updated_at": now,
         }
-        existing = db.execute("SELECT status FROM studies WHERE key = ?", (key,)).fetchone()
         if existing is None:
             columns = ", ".join(["key", *values])
             marks = ", ".join("?" * (len(values) + 1))
             db.execute(f"INSERT INTO studies ({columns}) VALUES ({marks})", (key, *values.values()))
             return
+        person = _priority(existing["person_priority"])
+        if person is not None and any(
+            i["at"] > (existing["person_priority_at"] or 0.0)
+            and PRIORITY_RANK[Priority(i["priority"])] < PRIORITY_RANK[person]
+            for i in scored
+        ):
+            values |= {"person_priority": None, "person_priority_by": None, "person_priority_at": None}
+        if reopen:
+            values |= {
+                "status": Status.UNREAD.value,
+                "closed_at": None,
+                "closed_by": None,
+                "dismiss_reason": None,
+                "claimed_by": None,
+                "claimed_at": None,
+            }
         assignments = ", ".join(f"{name} = ?" for name in values)
         db.execute(f"UPDATE studies SET {assignments} WHERE key = ?", (*values.values(), key))
-        if new_image and existing["status"] in CLOSED:
-            # A new image of a study already read is something nobody has read yet: back on the queue.
-            db.execute(
-                "UPDATE studies SET status = 'unread', closed_at = NULL, closed_by = NULL, dismiss_reason = NULL,"
-                " claimed_by = NULL, claimed_at = NULL WHERE key = ?",
-                (key,),
-            )
 
     # The queue -----------------------------------------------------------------------------------
 
@@ -344,6 +375,7 @@ class WorklistStore:
             "priority": placed.priority.value if placed.priority else None,
             "ai_priority": row["ai_priority"],
             "person_priority": row["person_priority"],
+            "person_priority_by": row["person_priority_by"],
             "top_finding": row["top_finding"],
             "score": row["score"],
             "arrived_at": _iso(_dt(row["arrived_at"])),
@@ -401,7 +433,28 @@ class WorklistStore:
             ]
         return len(matching), items
 
-    def study(self, key: str, now: datetime) -> dict[str, Any]:
+    def open_positions(self, now: datetime) -> dict[str, int]:
+        """Every open study's place in the queue, from the few columns ordering needs (no views built)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, arrived_at, ai_priority, score, person_priority FROM studies"
+                " WHERE status IN ('unread', 'claimed')"
+            ).fetchall()
+        placed = order((self._entry(r) for r in rows), now, self.max_wait)
+        return {p.entry.key: i for i, p in enumerate(placed, 1)}
+
+    def studies(self, keys: Collection[str], now: datetime) -> dict[str, dict[str, Any] | None]:
+        """Several studies at once (None for one that is gone), ordering the queue once for all of them."""
+        positions = self.open_positions(now)
+        out: dict[str, dict[str, Any] | None] = {}
+        for key in keys:
+            try:
+                out[key] = self.study(key, now, positions)
+            except NotFound:
+                out[key] = None
+        return out
+
+    def study(self, key: str, now: datetime, positions: Mapping[str, int] | None = None) -> dict[str, Any]:
         """One study with its images (each image's scores, or why it could not be scored)."""
         with self._lock:
             row = self._db.execute("SELECT * FROM studies WHERE key = ?", (key,)).fetchone()
@@ -409,8 +462,7 @@ class WorklistStore:
                 raise NotFound(f"no study {key!r} on the worklist")
             position = None
             if row["status"] in OPEN:
-                _, whole = self.queue(now, limit=1_000_000)
-                position = next((i["position"] for i in whole if i["key"] == key), None)
+                position = (positions if positions is not None else self.open_positions(now)).get(key)
             images = self._db.execute(
                 "SELECT * FROM images WHERE study_key = ? ORDER BY arrived_at, event_id", (key,)
             ).fetchall()
@@ -533,8 +585,12 @@ class WorklistStore:
         self._act(
             key,
             "prioritised",
-            "UPDATE studies SET person_priority = ?, person_priority_by = ? WHERE key = ?",
-            (priority.value if priority else None, reader if priority else None),
+            "UPDATE studies SET person_priority = ?, person_priority_by = ?, person_priority_at = ? WHERE key = ?",
+            (
+                priority.value if priority else None,
+                reader if priority else None,
+                _ts(datetime.now(UTC)) if priority else None,
+            ),
             (*OPEN, *CLOSED),
         )
 
@@ -654,14 +710,14 @@ class WorklistStore:
                 return (seq[0] + 1, seq[0]) if seq else (0, 0)
         return first, last
 
-    def snapshot(self, now: datetime, stale_after: timedelta) -> dict[str, Any]:
-        """The whole open queue and the change id it is current to, read in one transaction: a page applies
-        it, then follows the events after that id."""
+    def snapshot(self, now: datetime, stale_after: timedelta, limit: int = 500) -> dict[str, Any]:
+        """The head of the open queue (`total` says how long it is) and the change id it is current to, read in
+        one transaction: a page applies it, then follows the events after that id."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 _, last = self.change_range()
-                total, items = self.queue(now, limit=1_000_000)
+                total, items = self.queue(now, limit=limit)
                 _, letters = self.dead_letters(limit=100)
                 scoring = self.scoring_status(now, stale_after)
             finally:

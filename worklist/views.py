@@ -51,6 +51,7 @@ class StudyItem(_View):
     priority: PriorityName | None
     ai_priority: PriorityName | None
     person_priority: PriorityName | None
+    person_priority_by: str | None = None
     top_finding: str | None
     score: float | None
     arrived_at: str

@@ -148,10 +148,11 @@ def test_run_with_a_gpu_configured_but_not_found_exits_2_at_warm_up(tmp_path):
 
 
 def test_demo_scores_the_sixteen_samples_and_exits_when_done(tmp_path):
-    env = {"CXR_METRICS_PORT": "0", "CXR_SPARK_DRIVER_MEMORY": "1g", "COLUMNS": "120"}
+    env = {"CXR_METRICS_PORT": "0", "CXR_WORKLIST_PORT": "0", "CXR_SPARK_DRIVER_MEMORY": "1g", "COLUMNS": "120"}
     proc = cxr("demo", "--exit-when-done", "--timeout", "300", env=env, cwd=tmp_path)
     output = proc.communicate(timeout=420)[0]
     assert proc.returncode == 0, output[-3000:]
+    assert "Worklist http://127.0.0.1:" in output  # the worklist service runs, and its queue is the table
     assert "16 scored, 0 dead-lettered, 16/16 done" in output
     assert "STAT" in output and "ROUTINE" in output
     assert "/metrics" in output
@@ -161,7 +162,7 @@ def test_demo_scores_the_sixteen_samples_and_exits_when_done(tmp_path):
 def test_demo_through_an_embedded_orthanc_scores_the_sixteen_over_dicomweb(tmp_path):
     """`cxr demo --pacs`: Orthanc stores the samples as DICOM, its change feed announces them, the scorer
     fetches each over DICOMweb; a missing Orthanc would be exit 2, never a silent skip."""
-    env = {"CXR_METRICS_PORT": "0", "CXR_SPARK_DRIVER_MEMORY": "1g", "COLUMNS": "160"}
+    env = {"CXR_METRICS_PORT": "0", "CXR_WORKLIST_PORT": "0", "CXR_SPARK_DRIVER_MEMORY": "1g", "COLUMNS": "160"}
     proc = cxr("demo", "--pacs", "--exit-when-done", "--timeout", "300", env=env, cwd=tmp_path)
     output = proc.communicate(timeout=420)[0]
     assert proc.returncode == 0, output[-3000:]

@@ -261,6 +261,45 @@ def test_partitions_added_later_are_read_from_their_beginning(
     assert [i["key"] for i in store.queue(now_utc())[1]] == ["p-late", "p-first"]
 
 
+def test_offsets_the_log_no_longer_has_are_warned_about_and_read_from_what_it_has(
+    settings: Settings,
+    store: WorklistStore,
+    topics: dict[str, str],
+    kafka_broker: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Retention deleted what the worklist had not read yet (the first 3 of 5): say so, read the other 2. The
+    topic was recreated (the worklist had read up to 1000 of a log that now ends at 2): read it all."""
+    bootstrap = kafka_broker.bootstrap_servers
+    results, references = topics["results_topic"], topics["input_topic"]
+    caplog.set_level(logging.INFO, logger="cxr.worklist")
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for i in range(5):
+            ref = Reference(event_id=f"kept-{i}", uri=f"file:///x/k{i}.jpeg", study_uid=f"1.5.{i}")
+            producer.send(results, value=result(ref, "ROUTINE", 0.1).encode(), partition=0)
+        for i in range(2):
+            ref = Reference(event_id=f"new-{i}", uri=f"file:///x/n{i}.jpeg", study_uid=f"1.6.{i}")
+            producer.send(references, value=ref.to_json().encode(), partition=1)
+        producer.flush(30)
+    finally:
+        producer.close()
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.delete_records({TopicPartition(results, 0): 3}, timeout_ms=30_000)
+    finally:
+        admin.close()
+    store.apply([], {(results, 0): 1, (references, 1): 1000})
+    consumer = ResultsConsumer(settings, store)
+    with running(consumer):
+        wait_for(lambda: consumer.status()["records"] == 4, 30, "the records the log still has")
+    assert {row["key"] for row in store.queue(now_utc())[1]} == {"1.5.3", "1.5.4", "1.6.0", "1.6.1"}
+    assert store.offsets()[(results, 0)] == 5 and store.offsets()[(references, 1)] == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"{results}/0" in w and "2 message(s)" in w and "retention" in w for w in warnings), warnings
+    assert any(f"{references}/1" in w and "looks recreated" in w for w in warnings), warnings
+
+
 # Crash and resume: the real `cxr worklist`, SIGKILLed mid-stream -----------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -30,8 +31,8 @@ from streaming.errors import ErrorCode, FetchError
 from streaming.settings import Settings
 from worklist import events
 from worklist import store as store_module
-from worklist.api import create_app
-from worklist.live import EventFeed
+from worklist.api import accepted_hosts, create_app, host_name
+from worklist.live import EventFeed, EventStreamResponse
 from worklist.store import WorklistStore
 from worklist.views import local_midnight, parse_priorities
 
@@ -138,6 +139,8 @@ def settings(tmp_path: Path, image_root: Path) -> Settings:
         worklist_db=tmp_path / "w.db",
         worklist_scoring_stale_after_s=60.0,
         dicomweb_allowed_hosts=["pacs.example:8042"],
+        # TestClient's Host, and a proxy's public name (test_changes_from_the_page_itself_...)
+        worklist_allowed_hosts=["testserver", "worklist.hospital.example"],
     )
 
 
@@ -220,11 +223,13 @@ def test_a_study_past_its_maximum_wait_rises_and_is_marked_overdue(client: TestC
     add_results(
         store,
         result_json("stat", "2.1", priority="STAT", pneumonia=0.95),
+        result_json("urgent", "2.3", priority="URGENT", pneumonia=0.8),
         result_json("old-routine", "2.2", priority="ROUTINE", pneumonia=0.1, ago_s=5 * 3600),  # cap: 4 h
     )
     items = client.get("/api/studies").json()["items"]
-    assert [(i["key"], i["overdue"]) for i in items] == [("2.2", True), ("2.1", False)]
-    assert datetime.fromisoformat(items[0]["due_at"]) < datetime.now(UTC)
+    # escalated above everything but STAT
+    assert [(i["key"], i["overdue"]) for i in items] == [("2.1", False), ("2.2", True), ("2.3", False)]
+    assert datetime.fromisoformat(items[1]["due_at"]) < datetime.now(UTC)
 
 
 def test_filters_and_paging(client: TestClient, queue: dict[str, str]) -> None:
@@ -363,6 +368,15 @@ def test_dead_letters_newest_first_and_paged(client: TestClient, store: Worklist
     assert client.get("/api/dead-letters?limit=0").status_code == 422
 
 
+@pytest.mark.parametrize("path", ["/api/dead-letters", "/api/studies"])
+def test_offsets_and_limits_beyond_any_page_are_refused_not_a_server_error(client: TestClient, path: str) -> None:
+    for query in ("offset=99999999999999999999", "offset=1000000001", "limit=501", "offset=-1", "limit=0"):
+        response = client.get(f"{path}?{query}")
+        assert response.status_code == 422, query
+    assert client.get(f"{path}?offset=1000000000").json()["items"] == []
+    assert client.get("/api/events?last_event_id=99999999999999999999").status_code == 422
+
+
 def test_stats_are_todays_waits_per_class(client: TestClient, store: WorklistStore) -> None:
     add_results(
         store,
@@ -453,6 +467,27 @@ def test_metrics(client: TestClient, queue: dict[str, str], store: WorklistStore
     ]
     for line in expected:
         assert line in text, line
+    assert "cxr_worklist_scraped_open_studies 6.0" in text
+
+
+def test_a_scrape_reads_the_head_of_the_queue_only(
+    client: TestClient, store: WorklistStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ordering and rendering every open study at each scrape would hold the store's lock for long."""
+    limits: list[int] = []
+    real = store.queue
+
+    def queue(now: datetime, **kwargs: Any) -> tuple[int, list[dict[str, Any]]]:
+        limits.append(kwargs.get("limit", 100))
+        return real(now, **kwargs)
+
+    monkeypatch.setattr(store, "queue", queue)
+    monkeypatch.setattr("worklist.metrics.SCRAPED", 2)
+    add_results(store, *(result_json(f"m{i}", f"12.{i}", priority="URGENT", ago_s=2 * 3600) for i in range(3)))
+    text = client.get("/metrics").text
+    assert limits == [2]
+    assert "cxr_worklist_scraped_open_studies 2.0" in text and 'cxr_worklist_studies{status="unread"} 3.0' in text
+    assert "cxr_worklist_overdue_studies 2.0" in text  # a lower bound, as the scraped count says
 
 
 def test_openapi_lists_the_paths_and_typed_bodies(client: TestClient) -> None:
@@ -779,6 +814,121 @@ def test_changes_from_the_page_itself_are_accepted_also_behind_a_proxy(
     assert client.post(f"/api/studies/{queue['STAT']}/claim", json={"reader": "A"}, headers=same).status_code == 200
     proxied = {"Origin": "https://worklist.hospital.example", "X-Forwarded-Host": "worklist.hospital.example"}
     assert client.post(f"/api/studies/{queue['STAT']}/read", headers=proxied).status_code == 200
+
+
+@pytest.mark.parametrize("origin", ["null", "file://", "http://", " null "])
+def test_changes_from_an_opaque_or_empty_origin_are_refused(
+    client: TestClient, store: WorklistStore, queue: dict[str, str], origin: str
+) -> None:
+    """`Origin: null` is what a sandboxed frame or a file sends: it is not the page, whatever the Host."""
+    refused = client.post(f"/api/studies/{queue['STAT']}/read", headers={"Origin": origin})
+    assert refused.status_code == 403, origin
+    assert store.study(queue["STAT"], datetime.now(UTC))["status"] == "unread"
+
+
+def test_host_names() -> None:
+    assert host_name("127.0.0.1:8080") == "127.0.0.1" and host_name("LocalHost") == "localhost"
+    assert host_name("[::1]:8080") == "[::1]" and host_name("::1") == "[::1]" and host_name("[::1") == ""
+    assert host_name("worklist.example.:443") == "worklist.example" and host_name("") == ""
+
+
+def test_which_host_names_the_worklist_answers_to(settings: Settings) -> None:
+    loopback = {"localhost", "127.0.0.1", "[::1]"}
+    bare = settings.model_copy(update={"worklist_allowed_hosts": []})
+    assert accepted_hosts(bare) == loopback
+    assert accepted_hosts(bare.model_copy(update={"worklist_host": "::1"})) == loopback
+    assert accepted_hosts(bare.model_copy(update={"worklist_host": "127.0.0.2"})) == loopback | {"127.0.0.2"}
+    assert accepted_hosts(bare.model_copy(update={"worklist_host": "0.0.0.0"})) is None  # any (with a warning)
+    assert accepted_hosts(bare.model_copy(update={"worklist_host": ""})) is None
+    listed = Settings.load(worklist_host="0.0.0.0", worklist_allowed_hosts="Worklist.Example:8443, 10.0.0.5")
+    assert listed.worklist_allowed_hosts == ["worklist.example:8443", "10.0.0.5"]
+    assert accepted_hosts(listed) == loopback | {"worklist.example", "10.0.0.5"}
+
+
+def test_another_host_name_is_refused_so_that_dns_rebinding_reaches_nothing(
+    store: WorklistStore, settings: Settings, consumer: FakeConsumer, queue: dict[str, str]
+) -> None:
+    """A site whose name is rebound to 127.0.0.1 sends its own name as Host: the page, the API and the changes
+    refuse it; the probes answer (a kubelet probes the pod's address)."""
+    bare = settings.model_copy(update={"worklist_allowed_hosts": []})
+    with TestClient(create_app(store, bare, consumer.status, feed=fast_feed(store, consumer))) as client:
+        for path in ("/", "/api/studies", "/api/snapshot", "/static/app.js", "/openapi.json"):
+            refused = client.get(path)  # Host: testserver
+            assert refused.status_code == 400, path
+            assert "CXR_WORKLIST_ALLOWED_HOSTS" in refused.json()["detail"]
+        assert client.post(f"/api/studies/{queue['STAT']}/read").status_code == 400
+        assert store.study(queue["STAT"], datetime.now(UTC))["status"] == "unread"
+        for host in ("127.0.0.1:8080", "localhost", "[::1]:8080"):
+            assert client.get("/api/studies", headers={"Host": host}).status_code == 200, host
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            assert client.get(probe, headers={"Host": "10.1.2.3:8080"}).status_code == 200, probe
+    named = settings.model_copy(update={"worklist_allowed_hosts": ["worklist.hospital.example"]})
+    with TestClient(create_app(store, named, consumer.status, feed=fast_feed(store, consumer))) as client:
+        ok = {"Host": "worklist.hospital.example"}
+        assert client.get("/api/studies", headers=ok).status_code == 200
+        assert client.get("/api/studies", headers={"Host": "127.0.0.1:9"}).status_code == 200
+        assert client.get("/api/studies", headers={"Host": "evil.example"}).status_code == 400
+        # behind a proxy both names must be known: a script can set X-Forwarded-Host, never Host
+        forwarded = {"Host": "127.0.0.1:8080", "X-Forwarded-Host": "worklist.hospital.example"}
+        assert client.get("/api/studies", headers=forwarded).status_code == 200
+        for evil in ("evil.example", "worklist.hospital.example, evil.example"):
+            headers = {"Host": "127.0.0.1:8080", "X-Forwarded-Host": evil}
+            assert client.get("/api/studies", headers=headers).status_code == 400, evil
+    anywhere = bare.model_copy(update={"worklist_host": "0.0.0.0"})
+    with TestClient(create_app(store, anywhere, consumer.status, feed=fast_feed(store, consumer))) as client:
+        assert client.get("/api/studies", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_the_service_warns_when_it_answers_to_any_host_name(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worklist import service as service_module
+
+    started: list[str] = []
+    monkeypatch.setattr(service_module.threading.Thread, "start", lambda thread: started.append(thread.name))
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
+        caplog.clear()
+        chosen = settings.model_copy(update={"worklist_allowed_hosts": [], "worklist_host": host, "worklist_port": 0})
+        service = service_module.WorklistService(chosen)
+        try:
+            with caplog.at_level(logging.WARNING, logger="cxr.worklist"):
+                service.start()
+        finally:
+            service._socket.close()
+            service.store.close()
+        assert any("CXR_WORKLIST_ALLOWED_HOSTS" in r.getMessage() for r in caplog.records) is warned, host
+    assert len(started) == 4  # nothing ran: the threads were never started
+
+
+def test_an_event_stream_whose_client_stopped_reading_ends_and_gives_its_place_back() -> None:
+    released: list[bool] = []
+
+    async def endless() -> AsyncIterator[str]:
+        while True:
+            yield ": keep-alive\n\n"
+            await anyio.sleep(0)
+
+    async def run(spec: str) -> list[str]:
+        sent: list[str] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message["type"])
+            if message["type"] == "http.response.body":
+                await anyio.sleep_forever()  # the client's buffers are full: the write never completes
+
+        async def receive() -> dict[str, Any]:
+            await anyio.sleep_forever()  # and it never hangs up
+            return {}
+
+        response = EventStreamResponse(endless(), lambda: released.append(True), write_timeout_s=0.05)
+        scope = {"type": "http", "asgi": {"spec_version": spec}, "method": "GET", "path": "/api/events"}
+        with anyio.fail_after(5):
+            await response(scope, receive, send)  # type: ignore[arg-type]
+        return sent
+
+    for spec in ("2.3", "2.4"):  # with and without Starlette's listener for the disconnect
+        assert asyncio.run(run(spec)) == ["http.response.start", "http.response.body"]
+    assert released == [True, True]
 
 
 def test_no_swagger_page_that_would_load_scripts_from_the_internet(client: TestClient) -> None:

@@ -31,6 +31,7 @@ from worklist.events import (
     MAX_CLOCK_SKEW,
     DeadLetter,
     Kind,
+    NormalLabels,
     Unreadable,
     kafka_time,
     read_dead_letter,
@@ -212,6 +213,28 @@ def test_routine_result_is_ordered_by_its_strongest_finding_when_normal_labels_a
     body = result_body(scores={"NORMAL": 0.7, "PNEUMONIA": 0.3}, top_finding=None, priority="ROUTINE")
     assert read_result(dumps(body), TS, normal_labels=("NORMAL",)).score == pytest.approx(0.3)
     assert read_result(dumps(body), TS).score == 0.0
+
+
+def test_a_bundles_normal_labels_score_only_that_models_results() -> None:
+    body = result_body(scores={"NORMAL": 0.7, "PNEUMONIA": 0.3}, top_finding=None, priority="ROUTINE")
+    bundle = NormalLabels("pneumonia-xception", ("NORMAL",))
+    assert read_result(dumps(body), TS, normal_labels=bundle).score == pytest.approx(0.3)
+    # another model's labels may mean anything: its result is scored by its own top finding
+    other = result_body(
+        model={"name": "chexnet", "version": "2"},
+        scores={"NORMAL": 0.7, "NODULE": 0.6},
+        top_finding="NODULE",
+        priority="URGENT",
+    )
+    assert read_result(dumps(other), TS, normal_labels=bundle).score == pytest.approx(0.6)
+    quiet = result_body(model={"name": "chexnet", "version": "2"}, scores={"NORMAL": 0.9, "NODULE": 0.1})
+    quiet.update(top_finding=None, priority="ROUTINE")
+    assert read_result(dumps(quiet), TS, normal_labels=bundle).score == 0.0
+    # a result that names no model is not the bundle's either; nor is anything when no bundle could be read
+    nameless = {**body, "model": "xception"}
+    assert read_result(dumps(nameless), TS, normal_labels=bundle).score == 0.0
+    assert read_result(dumps(body), TS, normal_labels=NormalLabels(None, ("NORMAL",))).score == 0.0
+    assert NormalLabels("m", ("N",)).for_model("m") == ("N",) and NormalLabels("m", ("N",)).for_model(None) == ()
 
 
 def test_result_without_study_uid_is_keyed_by_its_event_id() -> None:

@@ -94,17 +94,20 @@ def test_unscored_studies_escalate_at_the_urgent_maximum_wait() -> None:
     assert keys([unscored, stat], at(59), Policy.CAPPED) == ["stat", "unscored"]
     placed = place(unscored, at(60), CAPS)  # exactly at the maximum wait: overdue
     assert placed.overdue is True and placed.due_at == at(60)
-    assert keys([unscored, stat], at(60), Policy.CAPPED) == ["unscored", "stat"]
+    # escalated above everything but STAT: a new STAT study is still read first
+    assert keys([unscored, stat], at(60), Policy.CAPPED) == ["stat", "unscored"]
+    urgent = Entry("urgent", at(59), URGENT, 0.8)
+    assert keys([urgent, unscored], at(60), Policy.CAPPED) == ["unscored", "urgent"]
 
 
-def test_overdue_studies_first_earliest_deadline_first_under_capped_only() -> None:
+def test_overdue_studies_first_after_stat_earliest_deadline_first_under_capped_only() -> None:
     routine = Entry("routine-5h", at(0), ROUTINE, 0.05)  # due at 4 h: 1 h overdue at 5 h
     urgent = Entry("urgent-70min", at(230), URGENT, 0.6)  # due at 4 h 50: 10 min overdue
     stat = Entry("stat-new", at(299), STAT, 0.95)  # due at 5 h 14: not overdue
     unscored = Entry("unscored-90min", at(210))  # due at 4 h 30 (URGENT's wait): 30 min overdue
     entries = [stat, urgent, unscored, routine]
     now = at(300)
-    assert keys(entries, now, Policy.CAPPED) == ["routine-5h", "unscored-90min", "urgent-70min", "stat-new"]
+    assert keys(entries, now, Policy.CAPPED) == ["stat-new", "routine-5h", "unscored-90min", "urgent-70min"]
     assert keys(entries, now, Policy.PRIORITY) == ["stat-new", "urgent-70min", "unscored-90min", "routine-5h"]
     assert keys(entries, now, Policy.FIFO) == ["routine-5h", "unscored-90min", "urgent-70min", "stat-new"]
     # `overdue` is reported the same under every policy: a FIFO site still wants to see it
@@ -118,7 +121,14 @@ def test_overdue_studies_with_the_same_deadline_go_in_arrival_order() -> None:
     a = Entry("routine", at(0), ROUTINE, 0.1)  # due at 30
     b = Entry("urgent", at(10), URGENT, 0.9)  # due at 30
     c = Entry("stat", at(20), STAT, 0.99)  # due at 30
-    assert keys([c, b, a], at(30), Policy.CAPPED, caps) == ["routine", "urgent", "stat"]
+    assert keys([c, b, a], at(30), Policy.CAPPED, caps) == ["stat", "routine", "urgent"]
+
+
+def test_overdue_stat_studies_come_first_among_stat_earliest_deadline_first() -> None:
+    late = Entry("stat-overdue", at(0), STAT, 0.86)  # due at 15: overdue at 20
+    strong = Entry("stat-strong", at(10), STAT, 0.99)  # due at 25
+    routine = Entry("routine-overdue", at(-300), ROUTINE, 0.1)
+    assert keys([strong, routine, late], at(20), Policy.CAPPED) == ["stat-overdue", "stat-strong", "routine-overdue"]
 
 
 def test_a_shorter_cap_changes_who_is_next() -> None:
@@ -171,11 +181,20 @@ def test_nothing_is_ever_dropped_or_duplicated(
     for placed in results.values():
         # a permutation of the input: the very same entries, each exactly once
         assert sorted(id(p.entry) for p in placed) == sorted(id(e) for e in entries)
-    # CAPPED is: the overdue studies by deadline, then the rest exactly as PRIORITY orders them
+    # CAPPED is: STAT (overdue ones first, by deadline, then as PRIORITY orders them), the other overdue
+    # studies by deadline, then the rest exactly as PRIORITY orders them
     capped = results[Policy.CAPPED]
-    overdue = [p for p in capped if p.overdue]
-    assert capped[: len(overdue)] == overdue
-    assert [p.due_at for p in overdue] == sorted(p.due_at for p in overdue)
-    assert [p.entry for p in capped[len(overdue) :]] == [p.entry for p in results[Policy.PRIORITY] if not p.overdue]
+    stat = [p for p in capped if p.priority == Priority.STAT]
+    escalated = [p for p in capped if p.overdue and p.priority != Priority.STAT]
+    assert capped[: len(stat)] == stat
+    assert capped[len(stat) : len(stat) + len(escalated)] == escalated
+    stat_overdue = [p for p in stat if p.overdue]
+    assert stat[: len(stat_overdue)] == stat_overdue
+    for group in (stat_overdue, escalated):
+        assert [p.due_at for p in group] == sorted(p.due_at for p in group)
+    by_priority = [p.entry for p in results[Policy.PRIORITY] if not p.overdue]
+    assert [p.entry for p in stat if not p.overdue] == [e for e in by_priority if e.priority == Priority.STAT]
+    rest = capped[len(stat) + len(escalated) :]
+    assert [p.entry for p in rest] == [e for e in by_priority if e.priority != Priority.STAT]
     # FIFO is arrival order
     assert [p.entry.arrived_at for p in results[Policy.FIFO]] == sorted(e.arrived_at for e in entries)

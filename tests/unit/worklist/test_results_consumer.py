@@ -10,6 +10,7 @@ keeps `stop` waiting.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from streaming.broker import free_port
 from streaming.contracts import Reference, Source, build_dead_letter, build_result, dumps
 from streaming.errors import ErrorCode, FetchError
 from streaming.settings import Settings
-from worklist.consumer import Backoff, ResultsConsumer, convert, plan_seeks, short_error
-from worklist.events import DeadLetter, ImageEvent, Kind
+from worklist.consumer import Backoff, ResultsConsumer, convert, plan_seeks, short_error, starts_from_now
+from worklist.events import DeadLetter, ImageEvent, Kind, NormalLabels
 from worklist.store import WorklistStore
 
 TOPICS = {"results_topic": "r", "dead_letter_topic": "d", "input_topic": "i"}
@@ -113,9 +114,133 @@ def test_a_message_from_another_topic_is_unreadable() -> None:
 
 def test_partitions_resume_at_the_stored_offset_else_at_the_beginning() -> None:
     parts = [TopicPartition("r", 0), TopicPartition("r", 1), TopicPartition("d", 0)]
-    seeks, beginning = plan_seeks(parts, {("r", 0): 42, ("x", 0): 3})
-    assert seeks == {TopicPartition("r", 0): 42}
-    assert beginning == [TopicPartition("d", 0), TopicPartition("r", 1)]
+    plan = plan_seeks(parts, {("r", 0): 42, ("x", 0): 3})
+    assert plan.seeks == {TopicPartition("d", 0): 0, TopicPartition("r", 0): 42, TopicPartition("r", 1): 0}
+    assert (plan.resumed, plan.from_beginning, plan.from_end) == (1, 2, 0)
+    assert plan.store == {} and plan.warnings == []
+    # with the broker's answers: inside the log resumes there; no offset starts at the log's start
+    ends = {tp: 100 for tp in parts}
+    plan = plan_seeks(parts, {("r", 0): 42}, {tp: 10 for tp in parts}, ends)
+    assert plan.seeks == {TopicPartition("d", 0): 10, TopicPartition("r", 0): 42, TopicPartition("r", 1): 10}
+    assert plan.store == {} and plan.warnings == []
+    at_the_edges = plan_seeks(parts[:2], {("r", 0): 10, ("r", 1): 100}, {tp: 10 for tp in parts}, ends)
+    assert at_the_edges.seeks == {TopicPartition("r", 0): 10, TopicPartition("r", 1): 100}
+    assert at_the_edges.warnings == [] and at_the_edges.resumed == 2
+
+
+def test_an_offset_that_retention_deleted_resumes_at_the_log_start_and_says_how_much_was_lost() -> None:
+    tp = TopicPartition("r", 3)
+    plan = plan_seeks([tp], {("r", 3): 40}, {tp: 100}, {tp: 250})
+    assert plan.seeks == {tp: 100} and plan.store == {("r", 3): 100}
+    [warning] = plan.warnings
+    assert "r/3" in warning and "60 message(s)" in warning and "retention" in warning and "100" in warning
+
+
+def test_an_offset_past_the_log_end_means_a_recreated_topic_read_from_its_beginning() -> None:
+    tp = TopicPartition("d", 0)
+    plan = plan_seeks([tp], {("d", 0): 5000}, {tp: 0}, {tp: 12})
+    assert plan.seeks == {tp: 0} and plan.store == {("d", 0): 0}
+    [warning] = plan.warnings
+    assert "d/0" in warning and "looks recreated" in warning and "5000" in warning
+
+
+def test_a_first_start_from_now_begins_at_the_end_and_stores_it() -> None:
+    parts = [TopicPartition("r", 0), TopicPartition("i", 0)]
+    plan = plan_seeks(parts, {}, {tp: 3 for tp in parts}, {TopicPartition("r", 0): 900, TopicPartition("i", 0): 0})
+    assert plan.seeks == {TopicPartition("r", 0): 3, TopicPartition("i", 0): 3}  # not from now: the beginning
+    plan = plan_seeks(
+        parts, {}, {tp: 3 for tp in parts}, {TopicPartition("r", 0): 900, TopicPartition("i", 0): 3}, from_now=True
+    )
+    assert plan.seeks == {TopicPartition("r", 0): 900, TopicPartition("i", 0): 3}
+    assert plan.store == {("r", 0): 900, ("i", 0): 3}  # a restart resumes there, not at the beginning
+    assert (plan.from_end, plan.from_beginning) == (2, 0)
+    # a partition with a stored offset is resumed even from now
+    plan = plan_seeks(
+        parts, {("r", 0): 7}, {}, {TopicPartition("r", 0): 900, TopicPartition("i", 0): 50}, from_now=True
+    )
+    assert plan.seeks == {TopicPartition("r", 0): 7, TopicPartition("i", 0): 50}
+
+
+def test_from_now_applies_only_to_a_store_without_offsets_for_the_topics() -> None:
+    topics = ("r", "d", "i")
+    assert starts_from_now("latest", {}, topics)
+    assert starts_from_now("latest", {("someone-else", 0): 4}, topics)  # another topic's offsets do not count
+    assert not starts_from_now("latest", {("d", 1): 0}, topics)  # started before: later partitions from the start
+    assert not starts_from_now("earliest", {}, topics)
+
+
+class FakeKafka:
+    """The calls `ResultsConsumer._assign` makes of a `KafkaConsumer`, with the log's start and end."""
+
+    def __init__(self, logs: dict[TopicPartition, tuple[int, int]]) -> None:
+        self.logs = logs
+        self.positions: dict[TopicPartition, int] = {}
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {tp.partition for tp in self.logs if tp.topic == topic}
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = list(partitions)
+
+    def beginning_offsets(self, partitions: list[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int]:
+        return {tp: self.logs[tp][0] for tp in partitions}
+
+    def end_offsets(self, partitions: list[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int]:
+        return {tp: self.logs[tp][1] for tp in partitions}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = offset
+
+
+def test_assignment_warns_of_lost_messages_and_of_a_recreated_topic_and_stores_the_new_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = WorklistStore(tmp_path / "w.db")
+    try:
+        store.apply([], {("r", 0): 5, ("d", 0): 80, ("i", 0): 30})
+        kafka = FakeKafka(
+            {TopicPartition("r", 0): (20, 50), TopicPartition("d", 0): (0, 2), TopicPartition("i", 0): (0, 40)}
+        )
+        consumer = ResultsConsumer(Settings.load(**TOPICS), store)
+        with caplog.at_level(logging.INFO, logger="cxr.worklist.consumer"):
+            consumer._assign(kafka, set())  # type: ignore[arg-type]
+        assert kafka.positions == {TopicPartition("r", 0): 20, TopicPartition("d", 0): 0, TopicPartition("i", 0): 30}
+        assert store.offsets() == {("r", 0): 20, ("d", 0): 0, ("i", 0): 30}
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 2
+        assert any("r/0" in w and "15 message(s)" in w for w in warnings)
+        assert any("d/0" in w and "looks recreated" in w for w in warnings)
+    finally:
+        store.close()
+
+
+def test_from_now_at_the_first_assignment_only_and_never_for_partitions_added_later(tmp_path: Path) -> None:
+    store = WorklistStore(tmp_path / "w.db")
+    try:
+        logs = {TopicPartition("r", 0): (0, 500), TopicPartition("d", 0): (0, 70)}
+        kafka = FakeKafka(logs)
+        consumer = ResultsConsumer(Settings.load(worklist_start="latest", **TOPICS), store)
+        consumer._assign(kafka, set())  # type: ignore[arg-type]
+        assert kafka.positions == {TopicPartition("r", 0): 500, TopicPartition("d", 0): 70}
+        assert store.offsets() == {("r", 0): 500, ("d", 0): 70}
+        logs[TopicPartition("r", 1)] = (0, 9)  # a partition added later
+        consumer._assign(kafka, set(kafka.assigned))  # type: ignore[arg-type]
+        assert kafka.positions[TopicPartition("r", 1)] == 0
+        # a restart (a new consumer, the same file) resumes where the first start began
+        again = FakeKafka({**logs, TopicPartition("r", 0): (0, 800)})
+        ResultsConsumer(Settings.load(worklist_start="latest", **TOPICS), store)._assign(again, set())  # type: ignore[arg-type]
+        assert again.positions == {TopicPartition("r", 0): 500, TopicPartition("d", 0): 70, TopicPartition("r", 1): 0}
+    finally:
+        store.close()
+
+
+def test_the_bundles_normal_labels_score_only_that_models_results() -> None:
+    mine = Record("r", 0, 0, result_value())  # model "m": NORMAL 0.2, PNEUMONIA 0.8, top finding PNEUMONIA
+    labels = NormalLabels("m", ("PNEUMONIA",))  # deliberately odd, so that applying them shows
+    [event] = convert(batches(mine), **TOPICS, normal_labels=labels).records
+    assert isinstance(event, ImageEvent) and event.score == pytest.approx(0.2)
+    [event] = convert(batches(mine), **TOPICS, normal_labels=NormalLabels("other", ("PNEUMONIA",))).records
+    assert isinstance(event, ImageEvent) and event.score == pytest.approx(0.8)  # the top finding's score
 
 
 def test_backoff_doubles_up_to_its_cap_and_resets() -> None:

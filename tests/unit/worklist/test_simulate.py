@@ -277,10 +277,12 @@ def test_cli_overrides_a_cap_and_reads_a_results_file(tmp_path: Path, capsys: py
     assert out["max_wait_minutes"]["ROUTINE"] == 5.0
     assert sum(out["unreadable_lines"].values()) == 2
     assert out["policies"]["priority"]["ROUTINE"]["max"] == 27.0
-    # the 5-minute ROUTINE cap makes e4 (arrived 9:03) overdue at 9:08: at 9:10 it is read first, before even
-    # the STAT study B (arrived 9:02, due 9:17), which now waits until 9:20
+    # the 5-minute ROUTINE cap makes e4 (arrived 9:03) overdue at 9:08: at 9:10 the STAT study B (arrived 9:02)
+    # still goes first (escalation never passes STAT), but at 9:20 e4 goes before the unscored e5 (arrived
+    # 9:04, due 10:04), which it would follow under priority alone: e4 waits 17, e5 26
     capped = out["policies"]["priority-with-caps"]
-    assert (capped["ROUTINE"]["max"], capped["ROUTINE"]["over_cap"], capped["STAT"]["max"]) == (7.0, 1, 18.0)
+    assert (capped["ROUTINE"]["max"], capped["ROUTINE"]["over_cap"], capped["STAT"]["max"]) == (17.0, 1, 8.0)
+    assert capped["UNSCORED"]["max"] == 26.0
     assert main(argv) == 0  # the table
     table = capsys.readouterr().out
     assert "priority-with-caps" in table and "UNSCORED" in table and "ROUTINE 240" in table

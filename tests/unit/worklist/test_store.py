@@ -503,3 +503,69 @@ def test_a_replay_adds_nothing_to_the_change_log(store: WorklistStore) -> None:
     _, last = store.change_range()
     apply(store, scored("a", "A", URGENT, 0.7), letter(1), announced("a", "A"))
     assert store.changes_since(last) == []
+
+
+# ------------------------------------------------------------------------------ rules that keep the queue honest
+
+
+def test_a_routine_image_beside_an_unscored_one_leaves_the_study_unscored(store: WorklistStore) -> None:
+    """Nobody knows yet that the image that failed (or is still waiting) is routine too."""
+    apply(store, scored("r", "S", ROUTINE, 0.1), failed("f", "S"), scored("o", "O", ROUTINE, 0.3))
+    assert item(store, "S")["priority"] is None and item(store, "S")["ai_priority"] is None
+    assert keys(store) == ["S", "O"]  # the unscored band comes before ROUTINE
+    apply(store, scored("u", "U", URGENT, 0.7), announced("p", "U"))
+    assert item(store, "U")["priority"] == "URGENT"  # an urgent image is urgent whatever the rest
+
+
+def test_a_study_reopened_by_a_new_image_waits_from_that_image(store: WorklistStore) -> None:
+    caps = MaxWait(timedelta(minutes=15), timedelta(minutes=60), timedelta(minutes=20))
+    capped = WorklistStore(store.path, caps)
+    apply(capped, scored("old", "S", ROUTINE, 0.1, minutes=0))
+    capped.mark_read("S", "dr-a")
+    apply(capped, scored("new", "S", ROUTINE, 0.1, minutes=25))  # 5 minutes before NOW
+    reopened = capped.study("S", NOW)
+    assert reopened["status"] == "unread" and reopened["arrived_at"].startswith(at(25).isoformat()[:16])
+    assert reopened["overdue"] is False  # not 30 minutes old: its new image is 5
+    capped.close()
+
+
+def test_a_newer_more_urgent_image_raises_a_persons_priority_an_older_one_does_not(store: WorklistStore) -> None:
+    apply(store, scored("a", "S", URGENT, 0.7))
+    store.set_priority("S", ROUTINE, "dr-a")  # the person looked, and judged it routine
+    apply(store, scored("a", "S", STAT, 0.99))  # a replay: nothing new
+    assert item(store, "S")["priority"] == "ROUTINE" and item(store, "S")["person_priority_by"] == "dr-a"
+    later = (datetime.now(UTC) - T0).total_seconds() / 60 + 1
+    apply(store, scored("b", "S", URGENT, 0.8, minutes=later - 1, scored_minutes=later))  # news they had not seen
+    raised = item(store, "S")
+    assert raised["priority"] == "URGENT" and raised["person_priority"] is None
+
+
+def test_a_recreated_topic_reusing_offsets_keeps_both_dead_letters(store: WorklistStore) -> None:
+    first = letter(7, "e1", minutes=1)
+    apply(store, first, first)  # a replay of the same letter is one letter
+    apply(store, letter(7, "e2", minutes=2))  # the topic was recreated: offset 7 again, another letter
+    total, letters = store.dead_letters()
+    assert total == 2 and {x["event_id"] for x in letters} == {"e1", "e2"}
+
+
+def test_positions_of_several_studies_come_from_one_ordering(store: WorklistStore) -> None:
+    apply(store, scored("a", "A", ROUTINE, 0.1), scored("b", "B", STAT, 0.9), scored("c", "C", URGENT, 0.7))
+    store.mark_read("C", None)
+    assert store.open_positions(NOW) == {"B": 1, "A": 2}
+    views = store.studies(["A", "C", "gone"], NOW)
+    assert views["A"] is not None and views["A"]["position"] == 2
+    assert views["C"] is not None and views["C"]["position"] is None  # read: not on the queue
+    assert views["gone"] is None
+
+
+def test_a_failed_write_leaves_the_original_error_and_a_usable_store(
+    store: WorklistStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    store._db.execute("PRAGMA max_page_count = 1")  # the next growth is a full disk, which SQLite rolls back
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        apply(store, *(scored(f"e{i}", f"S{i}") for i in range(200)))
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    apply(store, scored("ok", "OK"))
+    assert keys(store) == ["OK"]
