@@ -518,7 +518,18 @@ class WorklistStore:
 
     # What readers do -----------------------------------------------------------------------------
 
-    def _act(self, key: str, what: str, sql: str, params: Sequence[Any], allowed: Collection[str]) -> None:
+    def _act(
+        self,
+        key: str,
+        what: str,
+        sql: str,
+        params: Sequence[Any],
+        allowed: Collection[str],
+        reader: str | None = None,
+    ) -> None:
+        """One reader's action, refused when the study's state does not allow it. A named reader cannot read or
+        dismiss a study another reader has claimed (two people reporting one study); releasing stays open to
+        anyone, so a claim left by someone who went home can be taken over."""
         now = _ts(datetime.now(UTC))
         with self._transaction() as db:
             row = db.execute("SELECT status, claimed_by FROM studies WHERE key = ?", (key,)).fetchone()
@@ -526,6 +537,8 @@ class WorklistStore:
                 raise NotFound(f"no study {key!r} on the worklist")
             if row["status"] not in allowed:
                 raise Conflict(f"the study is {row['status']}; it cannot be {what}")
+            if reader is not None and row["status"] == Status.CLAIMED and row["claimed_by"] not in (None, reader):
+                raise Conflict(f"the study is claimed by {row['claimed_by']}; release it first")
             db.execute(sql, (*params, key))
             db.execute("INSERT INTO changes (at, study_key, what) VALUES (?, ?, ?)", (now, key, what))
 
@@ -559,6 +572,7 @@ class WorklistStore:
             "UPDATE studies SET status = 'read', closed_at = ?, closed_by = ? WHERE key = ?",
             (_ts(datetime.now(UTC)), reader),
             OPEN,
+            reader,
         )
 
     def dismiss(self, key: str, reader: str | None, reason: str | None) -> None:
@@ -568,6 +582,7 @@ class WorklistStore:
             "UPDATE studies SET status = 'dismissed', closed_at = ?, closed_by = ?, dismiss_reason = ? WHERE key = ?",
             (_ts(datetime.now(UTC)), reader, reason),
             OPEN,
+            reader,
         )
 
     def reopen(self, key: str) -> None:

@@ -569,3 +569,19 @@ def test_a_failed_write_leaves_the_original_error_and_a_usable_store(
     store._db.execute("PRAGMA max_page_count = 1073741823")
     apply(store, scored("ok", "OK"))
     assert keys(store) == ["OK"]
+
+
+def test_a_claimed_study_is_read_or_dismissed_by_its_claimer_only_but_anyone_may_release_it(
+    store: WorklistStore,
+) -> None:
+    apply(store, scored("a", "A", URGENT, 0.7), scored("b", "B", URGENT, 0.7))
+    store.claim("A", "dr-a")
+    with pytest.raises(Conflict, match="claimed by dr-a"):
+        store.mark_read("A", "dr-b")
+    with pytest.raises(Conflict, match="claimed by dr-a"):
+        store.dismiss("A", "dr-b", None)
+    store.release("A")  # dr-a went home: the coordinator takes the claim back
+    store.mark_read("A", "dr-b")
+    store.claim("B", "dr-a")
+    store.mark_read("B", "dr-a")
+    assert store.counts()["read"] == 2
