@@ -98,57 +98,5 @@ def test_readyz_turns_ready_while_running_and_not_ready_when_the_query_fails(
         server.stop()
 
 
-def test_a_killed_job_resumes_from_its_checkpoint_without_loss(
-    kafka_broker, topics, produce, consume, sample_jpegs, tmp_path: Path
-) -> None:
-    """SIGKILL mid-stream (no shutdown hooks, a batch possibly half-written), then start again."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    env = {
-        **os.environ,
-        "CXR_KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
-        **{f"CXR_{name.upper()}": topic for name, topic in topics.items()},
-        "CXR_ALLOWED_ROOTS": str(sample_jpegs[0].parent),
-        "CXR_CHECKPOINT_DIR": str(tmp_path / "checkpoint"),
-        "CXR_METRICS_PORT": "0",
-        "CXR_MAX_OFFSETS_PER_TRIGGER": "4",  # many small batches, so the kill lands mid-stream
-        "CXR_TRIGGER_INTERVAL": "0 seconds",
-        "CXR_SPARK_MASTER": "local[2]",
-        "CXR_SPARK_DRIVER_MEMORY": "1g",
-    }
-    refs = _refs(sample_jpegs * 2)  # 32 references
-    produce(topics["input_topic"], list(refs.values()))
-    out = [topics["results_topic"], topics["dead_letter_topic"]]
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streaming.cli", "run"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    first = start()
-    try:
-        assert len(consume(out, 6, timeout_s=240)) >= 6
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, at once
-        first.wait(30)
-    done_before = len(consume(out, len(refs), timeout_s=5))
-    assert done_before < len(refs), "the kill came too late to interrupt anything"
-
-    second = start()
-    try:
-        records = consume(out, len(refs), timeout_s=240)
-        deadline = time.monotonic() + 120
-        while not set(refs) <= set(_event_ids(records)) and time.monotonic() < deadline:
-            records = consume(out, len(records) + 1, timeout_s=5)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(120)
-    assert set(refs) <= set(_event_ids(records))  # every reference answered; replays may duplicate
-    assert second.returncode == 0
+# A job SIGKILLed mid-stream (driver, JVM and Python workers at once) and started again on its checkpoint is
+# tests/integration/test_faults.py's `test_job_sigkilled_three_times_loses_nothing`: three kills, nothing lost.
