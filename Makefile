@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL_PACKAGE := pneumonia-model-package==0.3.0
 
-.PHONY: install system-deps demo test test-unit test-faults fuzz-long lint bench bench-isolation clean
+.PHONY: install system-deps demo test test-unit test-faults fuzz-long lint bench bench-isolation bench-worklist clean
 
 install: $(VENV)/.installed jvm/lib/.resolved system-deps
 
@@ -68,6 +68,10 @@ bench: install
 
 bench-isolation: install
 	$(BIN)/python -m bench.isolation
+
+# The worklist's store: per-poll against per-record commits, and queue reads at 1k, 5k and 20k open studies.
+bench-worklist: install
+	$(BIN)/python -m bench.worklist
 
 clean:
 	rm -rf $(VENV) jvm/lib jvm/target jvm/*/target .cxr .pytest_cache .mypy_cache .ruff_cache
