@@ -70,6 +70,23 @@ def timed(fn: Callable[[], object], rounds: int = 3) -> float:
     return best * 1000
 
 
+def reads(store: WorklistStore, key: str) -> tuple[float, ...]:
+    """A page of the queue, one study, the snapshot, the events for 50 changes (rendered afresh each round)."""
+    feed = EventFeed(store, lambda: {"connected": True}, timedelta(minutes=2))
+    changes = store.changes_since(0, limit=50)
+
+    def events() -> None:
+        feed._rendered.clear()
+        feed.render(changes)
+
+    return (
+        timed(lambda: store.queue(datetime.now(UTC), limit=100)),
+        timed(lambda: store.study(key, datetime.now(UTC))),
+        timed(lambda: store.snapshot(datetime.now(UTC), timedelta(minutes=2))),
+        timed(events),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=5000)
@@ -94,15 +111,7 @@ def main() -> None:
         batch = [scored(i, now, rng) for i in range(2 * size)]
         for start in range(0, len(batch), 500):
             store.apply(batch[start : start + 500], {})
-        feed = EventFeed(store, lambda: {"connected": True}, timedelta(minutes=2))
-        changes = store.changes_since(0, limit=50)
-        key = batch[len(batch) // 2].study_key
-        row = (
-            timed(lambda: store.queue(datetime.now(UTC), limit=100)),
-            timed(lambda: store.study(key, datetime.now(UTC))),
-            timed(lambda: store.snapshot(datetime.now(UTC), timedelta(minutes=2))),
-            timed(lambda: (feed._rendered.clear(), feed.render(changes))),
-        )
+        row = reads(store, batch[len(batch) // 2].study_key)
         print(f"  {size:>12} {row[0]:>11.1f} {row[1]:>10.1f} {row[2]:>9.1f} {row[3]:>11.1f}")
         store.close()
 
