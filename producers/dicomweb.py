@@ -51,7 +51,6 @@ from typing import Any
 from producers.pacs import (
     DICOM_JSON,
     SKIPPED,
-    Backoff,
     ChestFilter,
     CursorStore,
     Instance,
@@ -73,6 +72,7 @@ from producers.pacs import (
     valid_uid,
 )
 from producers.publish import Publisher
+from streaming.backoff import Backoff
 from streaming.contracts import Reference
 from streaming.settings import Settings
 

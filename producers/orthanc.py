@@ -36,7 +36,6 @@ from typing import Any, TypeVar
 
 from producers.pacs import (
     SKIPPED,
-    Backoff,
     ChestFilter,
     CursorStore,
     InstanceGone,
@@ -55,6 +54,7 @@ from producers.pacs import (
     service_root,
 )
 from producers.publish import Publisher
+from streaming.backoff import Backoff
 from streaming.contracts import Reference
 from streaming.settings import Settings
 

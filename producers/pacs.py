@@ -41,6 +41,7 @@ import urllib3.connection
 
 from producers.publish import Publisher, ReferencePublisher
 from producers.state import StateError, read_json, state_file, write_atomic
+from streaming.backoff import Backoff
 from streaming.contracts import Reference, now_utc, rfc3339
 from streaming.errors import FetchError
 from streaming.fetch import Watchdog, dicomweb_target
@@ -475,26 +476,6 @@ def pause(seconds: float, stop: Callable[[], bool], step_s: float = 0.1) -> bool
             return False
         time.sleep(min(step_s, left))
     return True
-
-
-@dataclass
-class Backoff:
-    """Exponential waits between retries: first_s, doubling, at most max_s; reset once the PACS answers."""
-
-    first_s: float = 1.0
-    max_s: float = 60.0
-    _next_s: float = 0.0
-
-    def next_delay(self) -> float:
-        self._next_s = self.first_s if self._next_s <= 0 else min(self.max_s, self._next_s * 2)
-        return self._next_s
-
-    def reset(self) -> None:
-        self._next_s = 0.0
-
-    @property
-    def failing(self) -> bool:
-        return self._next_s > 0
 
 
 def retrying(

@@ -102,12 +102,12 @@ def _text_field(body: Mapping[str, Any], name: str, *, required: bool) -> str | 
         raise ParseError(ErrorCode.INVALID_FIELD, f"the field '{name}' must be a non-empty string")
     if len(value) > MAX_FIELD_CHARS:
         raise ParseError(ErrorCode.INVALID_FIELD, f"the field '{name}' is longer than {MAX_FIELD_CHARS} characters")
-    if not _encodable(value):
+    if not encodable(value):
         raise ParseError(ErrorCode.INVALID_FIELD, f"the field '{name}' is not valid Unicode text")
     return value
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
     """False for text with lone surrogates (valid as JSON escapes, but not writable as UTF-8 downstream)."""
     try:
         text.encode("utf-8")
@@ -161,7 +161,7 @@ def salvage_event_id(value: str | bytes | None) -> str | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     event_id = body.get("event_id") if isinstance(body, dict) else None
-    if isinstance(event_id, str) and event_id.strip() and _encodable(event_id):
+    if isinstance(event_id, str) and event_id.strip() and encodable(event_id):
         return event_id[:MAX_FIELD_CHARS]
     return None
 

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streaming.contracts import rfc3339
@@ -113,13 +114,6 @@ _WRONG_SITE = "changes are accepted from the worklist's own page only"
 _WRONG_HOST = "the worklist does not answer to this host name (its operator can add it to CXR_WORKLIST_ALLOWED_HOSTS)"
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
 def host_name(value: str) -> str:
     """The host part of a Host header (or of a configured name), lower case, without port or trailing dot;
     an IPv6 address in brackets ("[::1]"). "" when there is none."""
@@ -157,9 +151,9 @@ def accepted_hosts(settings: Settings) -> frozenset[str] | None:
     return None
 
 
-def _forwarded_hosts(scope: Scope) -> list[str]:
+def _forwarded_hosts(headers: Headers) -> list[str]:
     """X-Forwarded-Host's names (a chain of proxies may list several); none when it is absent."""
-    value = _header(scope, b"x-forwarded-host")
+    value = headers.get("x-forwarded-host")
     return [] if value is None else [part.strip() for part in value.split(",")]
 
 
@@ -174,21 +168,22 @@ def refusal(scope: Scope, authorization: str | None, hosts: frozenset[str] | Non
     refused.
     """
     path: str = scope["path"]
+    headers = Headers(scope=scope)
     if hosts is not None and path not in _OPEN_PATHS:
-        names = [_header(scope, b"host") or "", *_forwarded_hosts(scope)]
+        names = [headers.get("host", ""), *_forwarded_hosts(headers)]
         if any(host_name(name) not in hosts for name in names):
             return 400, _WRONG_HOST
     if authorization is not None and path not in _OPEN_PATHS:
-        given = _header(scope, b"authorization") or ""
+        given = headers.get("authorization", "")
         if not hmac.compare_digest(given.encode("latin-1"), authorization.encode("latin-1")):
             return 401, "credentials required"
     if scope["method"] not in _SAFE_METHODS:
-        if _header(scope, b"sec-fetch-site") in ("cross-site", "same-site"):
+        if headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             return 403, _WRONG_SITE
-        origin = _header(scope, b"origin")
+        origin = headers.get("origin")
         if origin is not None:
             # Behind a reverse proxy the page's host arrives as X-Forwarded-Host.
-            own = {name.lower() for name in (_header(scope, b"host") or "", *_forwarded_hosts(scope))}
+            own = {name.lower() for name in (headers.get("host", ""), *_forwarded_hosts(headers))}
             own.discard("")
             netloc = "" if origin.strip().lower() == "null" else urlsplit(origin.strip()).netloc.lower()
             if not netloc or netloc not in own:

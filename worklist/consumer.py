@@ -29,6 +29,7 @@ from typing import Any, Literal
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaConfigurationError, KafkaError
 
+from streaming.backoff import Backoff
 from streaming.contracts import rfc3339
 from streaming.settings import Settings
 from worklist.events import (
@@ -58,23 +59,6 @@ PRUNE_EVERY_S = 3600.0
 #: How many unreadable messages of one poll are logged one by one; the rest are counted in one line.
 UNREADABLE_LOGGED_PER_POLL = 5
 _ERROR_CHARS = 200
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff: `first_s`, doubling up to `max_s`; `reset()` after a success."""
-
-    first_s: float = 0.5
-    max_s: float = 10.0
-    failures: int = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.max_s, self.first_s * 2**self.failures)
-        self.failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 @dataclass(frozen=True)
@@ -252,7 +236,7 @@ class ResultsConsumer:
         )
         self.topics = (settings.results_topic, settings.dead_letter_topic, settings.input_topic)
         self._consumer: KafkaConsumer | None = None
-        self._backoff = Backoff()
+        self._backoff = Backoff(first_s=0.5, max_s=10.0)
         self._lock = threading.Lock()
         self._connected = False
         self._last_poll_at: datetime | None = None

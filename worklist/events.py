@@ -18,13 +18,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from streaming.bundle import BundleError, read_descriptor
 from streaming.contracts import (
     DEAD_LETTER_SCHEMA,
     MAX_FIELD_CHARS,
     RESULT_SCHEMA,
     ParseError,
     Reference,
+    encodable,
     load_json,
     parse_reference,
     parse_timestamp,
@@ -60,6 +60,8 @@ class NormalLabels:
     @classmethod
     def of_bundle(cls, bundle_dir: Path) -> NormalLabels:
         """The bundle's; without a readable bundle, none (every result is then ordered by its top finding)."""
+        from streaming.bundle import BundleError, read_descriptor  # numpy: not for every `cxr` command's parser
+
         try:
             descriptor = read_descriptor(bundle_dir)
         except (BundleError, OSError) as exc:
@@ -155,10 +157,8 @@ def _text(body: Mapping[str, Any], name: str, *, required: bool = False, limit: 
         return None
     if not isinstance(value, str) or len(value) > limit:
         raise Unreadable(f"the field '{name}' is not a string of at most {limit} characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise Unreadable(f"the field '{name}' is not valid Unicode text") from None
+    if not encodable(value):
+        raise Unreadable(f"the field '{name}' is not valid Unicode text")
     return value
 
 

@@ -13,13 +13,13 @@ service, the page and the simulator all call this one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from streaming.triage import Priority
+from streaming.triage import PRIORITY_RANK, Priority
 
 if TYPE_CHECKING:
     from streaming.settings import Settings
@@ -94,6 +94,21 @@ class Placed:
     @property
     def priority(self) -> Priority | None:
         return self.entry.priority
+
+
+def study_class(images: Sequence[tuple[Priority | None, float | None]]) -> tuple[int | None, Priority | None]:
+    """Which of a study's images decides it, and the study's AI class, from each image's (priority, score);
+    priority None for an image not scored (yet, or ever).
+
+    A study is as urgent as its most urgent scored image, the strongest of those deciding. But a study whose
+    scored images are all ROUTINE while another is not scored is unscored: nobody knows yet that it is routine.
+    """
+    scored = [(PRIORITY_RANK[p], -(score or 0.0), i) for i, (p, score) in enumerate(images) if p is not None]
+    if not scored:
+        return None, None
+    lead = min(scored)[2]
+    priority = images[lead][0]
+    return lead, (None if priority == Priority.ROUTINE and len(scored) < len(images) else priority)
 
 
 # Within the non-overdue part: STAT, URGENT, then what nobody has scored (arrival order), then ROUTINE.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from datetime import timedelta
 
 import uvicorn
 
@@ -72,7 +71,3 @@ class WorklistService:
             thread.join(timeout_s)
         self._socket.close()
         self.store.close()
-
-
-def retention(settings: Settings) -> timedelta:
-    return timedelta(days=settings.worklist_retention_days)

@@ -51,9 +51,9 @@ from rich.text import Text
 
 from streaming.contracts import DEAD_LETTER_SCHEMA, parse_timestamp
 from streaming.settings import Settings
-from streaming.triage import PRIORITY_RANK, Priority
+from streaming.triage import Priority
 from worklist.events import ImageEvent, NormalLabels, Unreadable, read_dead_letter, read_result
-from worklist.ordering import Entry, MaxWait, Policy, order
+from worklist.ordering import Entry, MaxWait, Policy, order, study_class
 from worklist.waits import WaitSummary, summarize
 
 log = logging.getLogger("cxr.worklist.simulate")
@@ -277,13 +277,10 @@ def _line_time(line: str) -> tuple[int, bool] | None:
 
 
 def _study(images: Sequence[ImageEvent]) -> Arrival:
-    """A study is as urgent as its most urgent scored image (as in the store), and arrived with its first."""
-    scored = [i for i in images if i.priority is not None]
-    lead = min(scored, key=lambda i: (PRIORITY_RANK[i.priority or Priority.ROUTINE], -(i.score or 0.0)), default=None)
-    arrived = min(i.arrived_at for i in images)
-    if lead is None:
-        return Arrival(images[0].study_key, arrived, None, None)
-    return Arrival(images[0].study_key, arrived, lead.priority, lead.score)
+    """A study is classed as the store classes it (`ordering.study_class`), and arrived with its first image."""
+    index, priority = study_class([(i.priority, i.score) for i in images])
+    score = images[index].score if index is not None else None
+    return Arrival(images[0].study_key, min(i.arrived_at for i in images), priority, score)
 
 
 def read_results_file(path: Path, normal_labels: NormalLabels | Sequence[str] = ()) -> FileDay:

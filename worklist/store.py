@@ -22,7 +22,7 @@ from typing import Any
 from streaming.contracts import rfc3339
 from streaming.triage import PRIORITY_RANK, Priority
 from worklist.events import KIND_RANK, DeadLetter, ImageEvent, Kind
-from worklist.ordering import Entry, MaxWait, Placed, Policy, order
+from worklist.ordering import Entry, MaxWait, Placed, Policy, order, study_class
 from worklist.waits import WaitSummary, summarize
 
 SCHEMA_VERSION = 1
@@ -297,17 +297,17 @@ class WorklistStore:
         reopen = new_image and existing is not None and existing["status"] in CLOSED
         queued_from = newest["arrived_at"] if reopen else (existing["queued_from"] if existing else None)
         scored = [i for i in images if i["kind"] == Kind.SCORED]
-        lead = min(scored, key=lambda i: (PRIORITY_RANK[Priority(i["priority"])], -(i["score"] or 0.0)), default=None)
-        ai_priority = lead["priority"] if lead else None
-        if ai_priority == Priority.ROUTINE and len(scored) < len(images):
-            ai_priority = None
+        index, ai_priority = study_class(
+            [(Priority(i["priority"]) if i["kind"] == Kind.SCORED else None, i["score"]) for i in images]
+        )
+        lead = images[index] if index is not None else None
         waiting = [i["arrived_at"] for i in images if queued_from is None or i["arrived_at"] >= queued_from]
         values = {
             "study_uid": next((i["study_uid"] for i in images if i["study_uid"]), None),
             "accession": next((i["accession"] for i in images if i["accession"]), None),
             "arrived_at": min(waiting or [newest["arrived_at"]]),
             "queued_from": queued_from,
-            "ai_priority": ai_priority,
+            "ai_priority": ai_priority.value if ai_priority else None,
             "score": lead["score"] if lead else None,
             "top_finding": lead["top_finding"] if lead else None,
             "model_name": lead["model_name"] if lead else None,

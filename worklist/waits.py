@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class WaitSummary:
     max: float | None
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return {"count": self.count, "mean": self.mean, "median": self.median, "p95": self.p95, "max": self.max}
+        return asdict(self)
 
 
 def nearest_rank(sorted_values: Sequence[float], q: float) -> float:

@@ -19,7 +19,6 @@ from fake_publisher import FakePublisher
 from producers import pacs
 from producers.orthanc import CURSOR_SCHEMA, OrthancFeed, parse_changes, store_for
 from producers.pacs import (
-    Backoff,
     ChestFilter,
     CursorStore,
     InstanceGone,
@@ -29,6 +28,7 @@ from producers.pacs import (
 )
 from producers.publish import ReferencePublisher
 from producers.state import StateError
+from streaming.backoff import Backoff
 from streaming.settings import Settings
 
 URL = "http://orthanc.example:8042"

@@ -19,7 +19,6 @@ from pydantic import SecretStr
 from fake_publisher import FakePublisher
 from producers.pacs import (
     EVENT_NAMESPACE,
-    Backoff,
     ChestFilter,
     CursorStore,
     Instance,
@@ -48,6 +47,7 @@ from producers.pacs import (
     warn_unless_allowed,
 )
 from producers.state import StateError, state_file
+from streaming.backoff import Backoff
 from streaming.contracts import Reference, parse_reference
 from streaming.settings import Settings
 

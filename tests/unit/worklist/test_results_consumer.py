@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 
+from streaming.backoff import Backoff
 from streaming.broker import free_port
 from streaming.contracts import Reference, Source, build_dead_letter, build_result, dumps
 from streaming.errors import ErrorCode, FetchError
 from streaming.settings import Settings
-from worklist.consumer import Backoff, ResultsConsumer, convert, plan_seeks, short_error, starts_from_now
+from worklist.consumer import ResultsConsumer, convert, plan_seeks, short_error, starts_from_now
 from worklist.events import DeadLetter, ImageEvent, Kind, NormalLabels
 from worklist.store import WorklistStore
 
