@@ -152,9 +152,18 @@ class WorklistStore:
     def __init__(self, path: Path, max_wait: MaxWait | None = None) -> None:
         self.path = Path(path)
         self.max_wait = max_wait or MaxWait()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        try:
+            if self.path.exists() and not self.path.is_file():
+                raise StoreError(f"{self.path} is not a regular file")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+            self._open()
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            # A file that is not a worklist, a folder, a device, no permission: the operator's to fix (exit 2).
+            raise StoreError(f"cannot use {self.path} as the worklist's database: {exc}") from None
+
+    def _open(self) -> None:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a reader's "read" must survive a power cut, not only the Kafka rows (which would be re-read).
@@ -168,7 +177,7 @@ class WorklistStore:
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has worklist schema {row[0]}, this version reads {SCHEMA_VERSION}")
+                raise StoreError(f"it has worklist schema {row[0]}, this version reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:

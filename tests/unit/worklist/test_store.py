@@ -585,3 +585,23 @@ def test_a_claimed_study_is_read_or_dismissed_by_its_claimer_only_but_anyone_may
     store.claim("B", "dr-a")
     store.mark_read("B", "dr-a")
     assert store.counts()["read"] == 2
+
+
+@pytest.mark.parametrize("kind", ["garbage", "folder", "device"])
+def test_a_path_that_is_not_a_worklist_file_is_refused_untouched(tmp_path: Path, kind: str) -> None:
+    """A configuration to fix (the CLI exits 2), and a file that is something else is never overwritten."""
+    from worklist.store import StoreError
+
+    if kind == "garbage":
+        path = tmp_path / "w.db"
+        path.write_bytes(b"\x00not sqlite\xff" * 500)
+    elif kind == "folder":
+        path = tmp_path / "w.db"
+        path.mkdir()
+    else:
+        path = Path("/dev/null")
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(StoreError, match=r"cannot use .* as the worklist's database"):
+        WorklistStore(path)
+    if before is not None:
+        assert path.read_bytes() == before
