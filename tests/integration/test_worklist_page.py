@@ -155,6 +155,10 @@ def console_errors(driver: WebDriver) -> list[str]:
 
 
 def open_page(driver: WebDriver, service: WorklistService) -> None:
+    # The browser outlives each test's service: leave the last page (still polling a server that has stopped)
+    # and forget what it logged, so each test sees only its own page's errors.
+    driver.get("about:blank")
+    driver.get_log("browser")
     driver.get(service.url)
     wait_for(driver, "the live stream", lambda d: d.find_element(By.ID, "live").get_attribute("data-state") == "live")
     driver.execute_script("window.__sameDocument = true")  # gone if the page reloads
