@@ -74,7 +74,7 @@ def run_batch(spark: SparkSession, settings: Settings, source: Path, output: Pat
                 outcomes.select("topic", "key", "value")
                 .write.format("kafka")
                 .mode("append")
-                .options(**settings.spark_kafka_options())
+                .options(**settings.spark_kafka_sink_options())
                 .save()
             )
     finally:

@@ -116,7 +116,7 @@ class BatchWriter:
     spark: SparkSession
     archive: Broadcast[bundles.BundleArchive]
     config: ScoringConfig
-    kafka_options: dict[str, str]
+    kafka_options: dict[str, str]  # the sink's: acks=all, idempotent (`Settings.spark_kafka_sink_options`)
     metrics: JobMetrics
 
     def __post_init__(self) -> None:
@@ -246,7 +246,7 @@ class ScoringJob:
             log.info("model %s %s warm in %s", descriptor.name, descriptor.version, warm)
             self.metrics.set_device(warm.devices)
 
-        writer = BatchWriter(spark, broadcast, config, s.spark_kafka_options(), self.metrics)
+        writer = BatchWriter(spark, broadcast, config, s.spark_kafka_sink_options(), self.metrics)
 
         self._listener = _Listener(self.metrics, self.health)
         spark.streams.addListener(self._listener)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer
@@ -39,3 +40,13 @@ def http_get(url: str) -> tuple[int, str]:
 
 def http_status(url: str) -> int:
     return http_get(url)[0]
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, poll_s: float = 0.5) -> bool:
+    """Polls `predicate` until it holds or `timeout_s` passes: every wait in a test has a bound."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return False

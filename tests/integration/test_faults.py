@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from probes import wait_for
 from streaming import faults
 from streaming.contracts import Reference, parse_timestamp
 from streams import (
@@ -45,15 +46,6 @@ def report(name: str, tally: Tally, sent: list[str], **extra: object) -> None:
     print(f"\n[fault] {name}: {tally.summary(sent)}{details}")
 
 
-def wait_for(predicate, timeout_s: float, poll_s: float = 0.5) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return False
-
-
 @pytest.fixture
 def roots(sample_jpegs: list[Path], tmp_path: Path) -> dict[str, Path]:
     special = tmp_path / "special"
@@ -68,8 +60,8 @@ def test_job_sigkilled_three_times_loses_nothing(kafka_broker, topics, sample_jp
     bootstrap = kafka_broker.bootstrap_servers
     env = job_env(bootstrap, topics, [roots["samples"]], tmp_path / "checkpoint")
     job = JobProcess(env, tmp_path / "job.log").start()
-    refs = image_references(sample_jpegs, 300)
-    producer = SteadyProducer(bootstrap, topics["input_topic"], refs, rate_per_s=6.0).start()
+    refs = image_references(sample_jpegs, 200)
+    producer = SteadyProducer(bootstrap, topics["input_topic"], refs, rate_per_s=8.0).start()
     rng = random.Random(7)
     kills = 0
     try:
