@@ -51,6 +51,11 @@ RUN mkdir -p /usr/share/man/man1 \
 # PYSPARK_*: the driver and the Python workers run this image's interpreter (its TensorFlow, its cxr-stream).
 # CXR_JVM_LIB_DIR: the Maven-resolved jars (Settings.jvm_lib_dir); an installed package cannot find them
 #   relative to its own files the way a source checkout does.
+# Read-only root filesystem (k8s/ runs every container so): the only writable places are /tmp, HOME (the
+#   working directory, where Spark executors fetch the job's files) and Spark's local dirs (SPARK_LOCAL_DIRS,
+#   which Spark on Kubernetes mounts itself); the pods mount emptyDir volumes on the first two. Caches that
+#   would go under HOME go to /tmp instead, so a pod that mounts only /tmp still works: Keras' config
+#   (KERAS_HOME), XDG caches, matplotlib's (if a tool pulls it in). Python writes no bytecode.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -61,7 +66,11 @@ ENV PYTHONUNBUFFERED=1 \
     PYSPARK_DRIVER_PYTHON=/usr/local/bin/python3 \
     TF_CPP_MIN_LOG_LEVEL=2 \
     CXR_JVM_LIB_DIR=/opt/cxr/jvm/lib \
-    HOME=/opt/cxr/work
+    HOME=/opt/cxr/work \
+    TMPDIR=/tmp \
+    KERAS_HOME=/tmp/.keras \
+    XDG_CACHE_HOME=/tmp/.cache \
+    MPLCONFIGDIR=/tmp/matplotlib
 ENV PATH="${SPARK_HOME}/bin:${PATH}"
 
 # The project, then the demo model and sample X-rays: the model package's declared dependencies pin ancient
@@ -92,6 +101,8 @@ assert s.allowed_roots and s.allowed_roots[0].is_dir(), s.allowed_roots" \
 WORKDIR /opt/cxr/work
 USER ${SPARK_UID}
 # 9108: metrics, /healthz and /readyz of `cxr run` (CXR_METRICS_PORT). 4040: Spark UI and its Prometheus servlet.
-EXPOSE 9108 4040
+# 9109: the same of `cxr produce orthanc|dicomweb|scp` as k8s/ runs them (CXR_FEED_METRICS_PORT; off unless set).
+# 8080: `cxr worklist`. 11112: `cxr produce scp` (DICOM).
+EXPOSE 9108 4040 9109 8080 11112
 ENTRYPOINT ["/opt/entrypoint.sh"]
 CMD ["cxr", "--help"]

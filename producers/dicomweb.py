@@ -430,6 +430,16 @@ def store_for(settings: Settings, url: str) -> CursorStore:
     return cursor_store(settings, DicomwebFeed, url)
 
 
-def follow(settings: Settings, url: str, *, begin: str, stop: Callable[[], bool]) -> int:
-    """`cxr produce dicomweb`: poll the service root `url` until `stop()`; how many references were published."""
-    return follow_feed(settings, url, begin, stop, DicomwebFeed, overlap_s=settings.dicomweb_poll_overlap_s)
+def follow(
+    settings: Settings,
+    url: str,
+    *,
+    begin: str,
+    stop: Callable[[], bool],
+    watch: Callable[[PacsFeed[Any]], None] | None = None,
+) -> int:
+    """`cxr produce dicomweb`: poll the service root `url` until `stop()`; how many references were published.
+    `watch` gets the running feed (for `producers.health`)."""
+    return follow_feed(
+        settings, url, begin, stop, DicomwebFeed, watch=watch, overlap_s=settings.dicomweb_poll_overlap_s
+    )

@@ -250,7 +250,17 @@ def store_for(settings: Settings, url: str) -> CursorStore:
     return cursor_store(settings, OrthancFeed, url)
 
 
-def follow(settings: Settings, url: str, *, begin: str, stop: Callable[[], bool]) -> int:
-    """`cxr produce orthanc`: follow `url`'s change feed until `stop()`; how many references were published."""
+def follow(
+    settings: Settings,
+    url: str,
+    *,
+    begin: str,
+    stop: Callable[[], bool],
+    watch: Callable[[PacsFeed[Any]], None] | None = None,
+) -> int:
+    """`cxr produce orthanc`: follow `url`'s change feed until `stop()`; how many references were published.
+    `watch` gets the running feed (for `producers.health`)."""
     root = settings.orthanc_dicomweb_root
-    return follow_feed(settings, url, begin, stop, OrthancFeed, dicomweb_root=check_url(root) if root else None)
+    return follow_feed(
+        settings, url, begin, stop, OrthancFeed, watch=watch, dicomweb_root=check_url(root) if root else None
+    )

@@ -606,6 +606,8 @@ class PacsFeed(Generic[C]):
         self.backoff = backoff or Backoff(first_s=poll_interval_s)
         self.tally = Tally()
         self.cursor: C | None = None
+        #: When the server last answered (`time.monotonic()`), for the feed's `/readyz`; None until it has.
+        self.answered_at: float | None = None
 
     # What each feed says.
 
@@ -666,13 +668,16 @@ class PacsFeed(Generic[C]):
 
     def get(self, call: Callable[[], T]) -> T:
         """`call()` (a request to the server), retried while the server is away; `Stopped` on request."""
-        return retrying(call, stop=self.stop, backoff=self.backoff, what=self.server)
+        result = retrying(call, stop=self.stop, backoff=self.backoff, what=self.server)
+        self.answered_at = time.monotonic()
+        return result
 
     def get_instance(self, call: Callable[[], T], tally: Tally) -> T | Skipped:
         """`call()` for one instance: `SKIPPED`, counted in `tally`, when it is gone (404) or the server keeps
         failing on it (`INSTANCE_ATTEMPTS` answers that are errors) while it answers other requests."""
+        result: T | Skipped = SKIPPED
         try:
-            return retrying(
+            result = retrying(
                 call, stop=self.stop, backoff=self.backoff, what=self.server, give_up_after=INSTANCE_ATTEMPTS
             )
         except InstanceGone:
@@ -680,7 +685,8 @@ class PacsFeed(Generic[C]):
         except InstanceUnreadable as exc:
             log.warning("%s failed %d times on one instance (%s); skipping it", self.server, INSTANCE_ATTEMPTS, exc)
             tally.unusable += 1
-        return SKIPPED
+        self.answered_at = time.monotonic()  # a 404 or an error about one instance is an answer too
+        return result
 
 
 def cursor_store(settings: Settings, feed: type[PacsFeed[Any]], url: str) -> CursorStore:
@@ -695,13 +701,14 @@ def follow_feed(
     begin: str,
     stop: Callable[[], bool],
     feed: type[PacsFeed[Any]],
+    watch: Callable[[PacsFeed[Any]], None] | None = None,
     **options: Any,
 ) -> int:
     """Run a feed as `cxr produce` does: cursor first, "now" fixed before Kafka is reached, then publish.
 
     `feed` is constructed with the HTTP client made here from the settings (credentials, timeout), the checked
     URL, its cursor store, the chest filter, the poll interval and `stop`; `options` are its own (e.g. the
-    QIDO-RS overlap)."""
+    QIDO-RS overlap). `watch` is handed the feed once it exists (its `/readyz` and `/metrics`, `producers.health`)."""
     store = cursor_store(settings, feed, url)  # the one check of the URL, before anything is asked
     make: Callable[..., PacsFeed[Any]] = feed  # each feed's constructor takes these, and its own options
     with http_session(settings) as session:
@@ -714,6 +721,8 @@ def follow_feed(
             stop=stop,
             **options,
         )
+        if watch is not None:
+            watch(running)
         running.load()  # a corrupt cursor stops us before anything is asked of anyone
         warn_unless_allowed(running.dicomweb_root, settings.dicomweb_allowed_hosts)
         log.info("following %s; references to %s", running.server, settings.input_topic)

@@ -559,8 +559,15 @@ def _bind_error(port: int, exc: OSError) -> ScpConfigError:
     return ScpConfigError(f"cannot listen on port {port} (CXR_SCP_PORT, --port): {why}")
 
 
-def serve(settings: Settings, *, stop: Callable[[], bool], publisher: WaitingPublisher | None = None) -> int:
-    """Receive until `stop()` is true; the number of references published (acknowledged by Kafka).
+def serve(
+    settings: Settings,
+    *,
+    stop: Callable[[], bool],
+    publisher: WaitingPublisher | None = None,
+    watch: Callable[[Receiver], None] | None = None,
+) -> int:
+    """Receive until `stop()` is true; the number of references published (acknowledged by Kafka). `watch` gets
+    the receiver once it listens (its `/readyz` and `/metrics`, `producers.health`).
 
     Raises `ScpConfigError` (a configuration to fix) when the storage is outside the allowed roots or a caller
     entry cannot be read (before Kafka is contacted), or when the port cannot be bound (in use, privileged);
@@ -600,6 +607,8 @@ def serve(settings: Settings, *, stop: Callable[[], bool], publisher: WaitingPub
             len(callers),
             ", ".join(map(str, callers)) or "none",
         )
+        if watch is not None:
+            watch(receiver)
         while not stop():
             time.sleep(0.2)
     finally:

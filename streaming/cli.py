@@ -100,6 +100,8 @@ stop = StopSignal()
 def cmd_broker(args: argparse.Namespace) -> int:
     from streaming.broker import EmbeddedBroker, default_partitions
 
+    if args.nodes > 1:
+        return _broker_cluster(args)
     settings = load_settings(args)
     topics = [settings.input_topic, settings.results_topic, settings.dead_letter_topic]
     broker = EmbeddedBroker(settings.jvm_lib_dir, port=args.port or None, workdir=args.data_dir)
@@ -122,6 +124,52 @@ def cmd_broker(args: argparse.Namespace) -> int:
         return 0
     finally:
         broker.stop()
+
+
+def _broker_cluster(args: argparse.Namespace) -> int:
+    """`cxr broker --nodes N`: N brokers on loopback, topics replicated; it runs on while a majority of its
+    nodes does, so that killing one (to watch the job ride it out) is part of trying it."""
+    from streaming.broker import KafkaCluster, default_partitions, replication
+
+    settings = load_settings(args)
+    topics = [settings.input_topic, settings.results_topic, settings.dead_letter_topic]
+    cluster = KafkaCluster(settings.jvm_lib_dir, args.nodes, port=args.port or None, workdir=args.data_dir)
+    try:
+        cluster.start()
+        cluster.create_topics(topics, partitions=args.partitions or default_partitions())
+        print(cluster.bootstrap_servers, flush=True)
+        factor, min_isr = replication(args.nodes)
+        log.info(
+            "Kafka cluster of %d nodes at %s ready; topics: %s (replication %d, min.insync.replicas %d); data in %s. "
+            "Ctrl-C stops it.",
+            args.nodes,
+            cluster.bootstrap_servers,
+            ", ".join(topics),
+            factor,
+            min_isr,
+            cluster.workdir,
+        )
+        down: set[int] = set()
+        while 2 * sum(n.running for n in cluster.nodes) > args.nodes:
+            for node in cluster.nodes:
+                if not node.running and node.node_id not in down:
+                    down.add(node.node_id)
+                    log.warning("Kafka node %d exited; see %s", node.node_id, node.log_file)
+            if stop.wait(0.5):
+                return 0
+        log.error("a majority of the Kafka nodes exited; see the logs under %s", cluster.workdir)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.stop()
+
+
+def _node_count(text: str) -> int:
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError("a Kafka cluster needs at least one node")
+    return count
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -208,28 +256,34 @@ def cmd_produce_load(args: argparse.Namespace) -> int:
 
 
 def cmd_produce_orthanc(args: argparse.Namespace) -> int:
+    from producers.health import feed_health
     from producers.orthanc import follow
 
     settings = load_settings(args)
-    count = follow(settings, args.url, begin=args.begin, stop=stop.is_set)
+    with feed_health(settings, "orthanc") as status:
+        count = follow(settings, args.url, begin=args.begin, stop=stop.is_set, watch=status.follow_pacs)
     log.info("published %d reference(s) to %s", count, settings.input_topic)
     return 0
 
 
 def cmd_produce_dicomweb(args: argparse.Namespace) -> int:
     from producers.dicomweb import follow
+    from producers.health import feed_health
 
     settings = load_settings(args)
-    count = follow(settings, args.url, begin=args.begin, stop=stop.is_set)
+    with feed_health(settings, "dicomweb") as status:
+        count = follow(settings, args.url, begin=args.begin, stop=stop.is_set, watch=status.follow_pacs)
     log.info("published %d reference(s) to %s", count, settings.input_topic)
     return 0
 
 
 def cmd_produce_scp(args: argparse.Namespace) -> int:
+    from producers.health import feed_health
     from producers.scp import serve
 
     settings = load_settings(args, scp_port=args.port, scp_ae_title=args.ae_title, scp_storage=args.storage)
-    count = serve(settings, stop=stop.is_set)
+    with feed_health(settings, "scp") as status:
+        count = serve(settings, stop=stop.is_set, watch=status.follow_receiver)
     log.info("published %d reference(s) to %s", count, settings.input_topic)
     return 0
 
@@ -355,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--output", type=Path, help="write results/ and dead-letter/ JSON lines here, not to Kafka")
     batch.set_defaults(func=cmd_batch)
 
-    broker = sub.add_parser("broker", help="an embedded single-node Kafka broker, in the foreground")
+    broker = sub.add_parser("broker", help="an embedded Kafka broker (or a cluster: --nodes 3), in the foreground")
     _common(broker)
     _kafka(broker)
     broker.add_argument(
@@ -372,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     broker.add_argument(
         "--partitions", type=int, help="partitions of the topics it creates (default: one per core of this machine)"
+    )
+    broker.add_argument(
+        "--nodes",
+        type=_node_count,
+        default=1,
+        help="brokers in the cluster (default 1); from 3, topics are replicated 3 times with min.insync.replicas=2. "
+        "Node i listens on --port + i - 1 and keeps its data in DATA_DIR/node-i",
     )
     broker.set_defaults(func=cmd_broker)
 
@@ -457,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop.install()
     from pydantic import ValidationError
 
+    from producers.health import FeedHealthError
     from producers.pacs import PacsError
     from producers.scp import ScpConfigError
     from producers.state import StateError
@@ -475,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         BundleError,
         CheckpointError,
         DeviceError,
+        FeedHealthError,
         JvmSetupError,
         PacsError,
         PacsSetupError,

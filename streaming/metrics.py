@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
@@ -281,8 +281,14 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def wsgi_app(metrics: JobMetrics, health: QueryHealth) -> Callable[..., Iterable[bytes]]:
-    prometheus = make_wsgi_app(metrics.registry)
+#: Whether a process is ready, and why (what `/readyz` answers): `QueryHealth.readiness` for the scoring job, the
+#: feeds' own (`producers.health`) for `cxr produce ...`.
+Readiness = Callable[[], tuple[bool, str]]
+
+
+def health_app(registry: CollectorRegistry, readiness: Readiness) -> Callable[..., Iterable[bytes]]:
+    """`/metrics` (and `/`) from `registry`, `/healthz` (the process answers), `/readyz` as `readiness()` says."""
+    prometheus = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
@@ -290,7 +296,7 @@ def wsgi_app(metrics: JobMetrics, health: QueryHealth) -> Callable[..., Iterable
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
         if path == "/readyz":
-            ready, reason = health.readiness()
+            ready, reason = readiness()
             start_response("200 OK" if ready else "503 Service Unavailable", [("Content-Type", "text/plain")])
             return [reason.encode() + b"\n"]
         if path in ("/metrics", "/"):
@@ -301,21 +307,32 @@ def wsgi_app(metrics: JobMetrics, health: QueryHealth) -> Callable[..., Iterable
     return app
 
 
-class MetricsServer:
-    """Serves the job's metrics and health from a daemon thread. Port 0 picks a free one (see `.port`)."""
+class HealthServer:
+    """Serves `health_app` from a daemon thread: one port for Prometheus and the kubelet's probes, in any cxr
+    process that has metrics (the scoring job, the feeds). Port 0 picks a free one (see `.port`)."""
 
-    def __init__(self, metrics: JobMetrics, health: QueryHealth, host: str = "0.0.0.0", port: int = 9108) -> None:
-        self._server = make_server(host, port, wsgi_app(metrics, health), _ThreadingWSGIServer, _QuietHandler)
+    def __init__(
+        self, registry: CollectorRegistry, readiness: Readiness, host: str = "0.0.0.0", port: int = 9108
+    ) -> None:
+        app = health_app(registry, readiness)
+        self._server = make_server(host, port, app, _ThreadingWSGIServer, _QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="cxr-metrics", daemon=True)
 
     @property
     def port(self) -> int:
         return int(self._server.server_port)
 
-    def start(self) -> MetricsServer:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class MetricsServer(HealthServer):
+    """The scoring job's metrics and health: ready while its query runs and reports progress."""
+
+    def __init__(self, metrics: JobMetrics, health: QueryHealth, host: str = "0.0.0.0", port: int = 9108) -> None:
+        super().__init__(metrics.registry, health.readiness, host, port)

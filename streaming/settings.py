@@ -223,6 +223,10 @@ class Settings(BaseSettings):
     #: `cxr produce dicomweb`: each poll looks this far back before the newest instance it has seen (QIDO-RS
     #: has no "received since" attribute), de-duplicating on SOP instance UID.
     dicomweb_poll_overlap_s: float = Field(default=24 * 3600.0, gt=0)
+    #: `cxr produce orthanc|dicomweb|scp` serve /metrics, /healthz and /readyz on this port (on
+    #: `metrics_host`) for Prometheus and the kubelet's probes; unset, none (so a feed started next to
+    #: `cxr run` on one machine does not take the job's port). Its own setting, not `metrics_port`, for that.
+    feed_metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     # DICOM C-STORE receiver (`cxr produce scp`)
     scp_ae_title: str = Field(default="CXR_STREAM", min_length=1, max_length=16)
@@ -265,6 +269,8 @@ class Settings(BaseSettings):
     # Observability
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
+    #: `/readyz` fails when the scoring query reported no progress, or a PACS feed had no answer from its
+    #: server, for this long.
     ready_stale_after_s: float = Field(default=120.0, gt=0)
 
     @field_validator(
@@ -363,4 +369,15 @@ class Settings(BaseSettings):
         """Options for Spark's Kafka source and sink (`kafka.`-prefixed client settings)."""
         options = {"kafka.bootstrap.servers": self.kafka_bootstrap_servers}
         options.update({f"kafka.{k}": v for k, v in self.kafka_extra().items()})
+        return options
+
+    def spark_kafka_sink_options(self) -> dict[str, str]:
+        """Options for the Kafka sink that writes results and dead letters: `acks=all` (a record counts as
+        written once every in-sync replica has it, so with `min.insync.replicas=2` losing a broker loses no
+        answer) and idempotence (a send retried across a leader change is not written twice). Configured
+        client settings win; idempotence is added only with acks=all, which the Java client requires of it."""
+        options = self.spark_kafka_options()
+        options.setdefault("kafka.acks", "all")
+        if options["kafka.acks"] in ("all", "-1"):
+            options.setdefault("kafka.enable.idempotence", "true")
         return options

@@ -16,9 +16,15 @@
 #                     SPARK_EXECUTOR_ID, SPARK_EXECUTOR_CORES, SPARK_EXECUTOR_MEMORY, SPARK_APPLICATION_ID,
 #                     SPARK_EXECUTOR_POD_IP, SPARK_RESOURCE_PROFILE_ID, SPARK_EXECUTOR_POD_NAME, and the JVM
 #                     options as SPARK_JAVA_OPT_0, SPARK_JAVA_OPT_1, ... (in that order).
+#   drain             the driver pod's preStop hook: ask the Python driver (`cxr run`, under spark-submit or
+#                     on its own) to stop, and wait until it has. It stops between micro-batches, so the batch
+#                     in flight is committed before Kubernetes sends SIGTERM to the JVM, whose shutdown hooks
+#                     would otherwise stop the session mid-batch. Waits up to DRAIN_TIMEOUT_S (default 75,
+#                     inside the pod's terminationGracePeriodSeconds); never fails the hook.
 #   anything else     run as given (e.g. `cxr run`, `cxr produce folder /data/images --watch`, `bash`).
 #
 # Everything runs under tini when it is installed, so signals reach the JVM / Python and zombies are reaped.
+# The root filesystem may be read-only: nothing here writes outside /tmp, HOME and Spark's local dirs.
 set -euo pipefail
 
 # Hadoop's user lookup (used by Spark) fails for a UID without a passwd entry, which happens when a platform
@@ -57,6 +63,33 @@ executor_java_opts() {
   while read -r name; do
     [[ -n "$name" ]] && EXECUTOR_JAVA_OPTS+=("${!name}")
   done < <(compgen -e | grep -E '^SPARK_JAVA_OPT_[0-9]+$' | sort -t_ -k4,4n || true)
+}
+
+# The Python process running `cxr run`: `python3 .../streaming/cli.py run` (spark-submit's PythonRunner) or
+# `python3 /usr/local/bin/cxr run`. Anchored on the interpreter, so the JVM whose arguments name the same file
+# does not match.
+driver_python_pid() {
+  pgrep -o -f '^[^ ]*python[0-9.]* [^ ]*(streaming/cli\.py|bin/cxr) run( |$)' || true
+}
+
+drain() {
+  local pid waited=0 timeout="${DRAIN_TIMEOUT_S:-75}"
+  pid="$(driver_python_pid)"
+  if [[ -z "$pid" ]]; then
+    echo "drain: no cxr run process; nothing to do" >&2
+    return 0
+  fi
+  echo "drain: asking cxr run (pid $pid) to stop after the micro-batch in flight" >&2
+  kill -TERM "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null; do
+    if (( waited >= timeout )); then
+      echo "drain: cxr run still running after ${timeout} s; leaving it to SIGTERM" >&2
+      return 0
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+  echo "drain: cxr run stopped after ${waited} s" >&2
 }
 
 run() {
@@ -99,6 +132,9 @@ case "${1:-}" in
       --hostname "${SPARK_EXECUTOR_POD_IP}" \
       --resourceProfileId "${SPARK_RESOURCE_PROFILE_ID:-0}" \
       --podName "${SPARK_EXECUTOR_POD_NAME:-$(hostname)}"
+    ;;
+  drain)
+    drain
     ;;
   "")
     run cxr --help

@@ -1,4 +1,9 @@
-"""Crash and resume: stop the job, send more, start it again on the same checkpoint. Nothing is lost."""
+"""Crash and resume: stop the job, send more, start it again on the same checkpoint. Nothing is lost.
+
+The restart is also how a new model bundle rolls out (k8s/README.md, "Rolling out a new model"): stop between
+micro-batches, start with another CXR_MODEL_BUNDLE on the same checkpoint. The job accepts it (nothing in the
+checkpoint names the model), resumes after the last committed batch, and every result says which bundle scored
+it."""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from probes import http_status
 from streaming.contracts import Reference
 from streaming.metrics import MetricsServer
 from streaming.pipeline import ScoringJob
+from streaming.settings import default_bundle_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,13 +34,27 @@ def _event_ids(records: list) -> list[str]:
     return [json.loads(r.value)["event_id"] for r in records]
 
 
-def test_restart_on_the_same_checkpoint_resumes_without_loss(
+NEW_VERSION = "0.3.0-rollout"
+
+
+def _new_bundle(folder: Path) -> Path:
+    """The demo bundle under another version: what a retrained model's bundle.json would say (same model file,
+    so the test needs no second model)."""
+    descriptor = json.loads((default_bundle_dir() / "bundle.json").read_text())
+    descriptor["version"] = NEW_VERSION
+    folder.mkdir()
+    (folder / "bundle.json").write_text(json.dumps(descriptor))
+    return folder
+
+
+def test_restart_on_the_same_checkpoint_with_a_new_bundle_resumes_without_loss(
     spark, spark_settings, topics, produce, consume, sample_jpegs, tmp_path: Path
 ) -> None:
     settings = spark_settings.model_copy(
         update={**topics, "checkpoint_dir": tmp_path / "checkpoint", "allowed_roots": [sample_jpegs[0].parent]}
     )
     out = [topics["results_topic"], topics["dead_letter_topic"]]
+    old_version = json.loads((default_bundle_dir() / "bundle.json").read_text())["version"]
 
     first = _refs(sample_jpegs[:5])
     produce(topics["input_topic"], list(first.values()))
@@ -48,15 +69,23 @@ def test_restart_on_the_same_checkpoint_resumes_without_loss(
     second[broken.event_id] = broken.to_json()
     produce(topics["input_topic"], list(second.values()))
 
-    job = ScoringJob.create(settings, spark)
+    # ...and the job comes back with a new model bundle (drain, switch, resume).
+    job = ScoringJob.create(settings.model_copy(update={"model_bundle": _new_bundle(tmp_path / "bundle")}), spark)
     job.start()
     try:
         records = consume(out, len(first) + len(second), timeout_s=180)
+        exposition = generate_latest(job.metrics.registry).decode()
     finally:
         job.stop()
     seen = _event_ids(records)
     assert set(first) | set(second) <= set(seen)  # duplicates of a replayed batch allowed, losses not
     assert broken.event_id in _event_ids([r for r in records if r.topic == topics["dead_letter_topic"]])
+    versions: dict[str, set[str]] = {}
+    for body in (json.loads(r.value) for r in records if r.topic == topics["results_topic"]):
+        versions.setdefault(body["event_id"], set()).add(body["model"]["version"])
+    assert all(old_version in versions[e] for e in first)  # (a replayed batch may be scored again by the new)
+    assert all(versions[e] == {NEW_VERSION} for e in second if e != broken.event_id)
+    assert f'cxr_model_info{{name="pneumonia-xception",version="{NEW_VERSION}"}} 1.0' in exposition
 
 
 def test_readyz_turns_ready_while_running_and_not_ready_when_the_query_fails(
