@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL_PACKAGE := pneumonia-model-package==0.3.0
 
-.PHONY: install system-deps demo test test-unit test-faults fuzz-long lint bench bench-isolation bench-worklist clean
+.PHONY: install system-deps k8s-tools validate-k8s demo test test-unit test-faults fuzz-long lint bench bench-isolation bench-worklist bench-cluster clean
 
 install: $(VENV)/.installed jvm/lib/.resolved system-deps
 
@@ -41,10 +41,29 @@ jvm/lib/.resolved: $(VENV)/.installed jvm/pom.xml jvm/kafka/pom.xml jvm/spark/po
 	mvn -B -q -f jvm/pom.xml package -Dspark.version=$$($(BIN)/python -c 'import pyspark; print(pyspark.__version__)')
 	touch $@
 
+# kustomize for the offline validation of k8s/ (tests/k8s; `make test` needs it, `make demo` does not), built from the Go module proxy into .tools/bin at the
+# pinned version (a no-op when that version is there). Go, its module and build caches all stay under .tools/.
+KUSTOMIZE_VERSION := v5.7.1
+TOOLS := $(CURDIR)/.tools
+KUSTOMIZE := $(TOOLS)/bin/kustomize
+k8s-tools:
+	@if [ "$$($(KUSTOMIZE) version 2>/dev/null)" = "$(KUSTOMIZE_VERSION)" ]; then :; \
+	elif ! command -v go >/dev/null; then \
+		echo "cxr-stream's k8s/ validation needs Go 1.22+ on PATH to build kustomize $(KUSTOMIZE_VERSION) (https://go.dev/dl/)"; exit 1; \
+	else \
+		echo "building kustomize $(KUSTOMIZE_VERSION) into .tools/bin (Go module proxy)"; \
+		GOBIN=$(TOOLS)/bin GOPATH=$(TOOLS)/go GOCACHE=$(TOOLS)/cache GOFLAGS=-modcacherw GO111MODULE=on \
+			go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION); \
+	fi
+
+# The manifests under k8s/ rendered (base and overlays) and checked offline: schemas, CRDs, PromQL, settings.
+validate-k8s: $(VENV)/.installed k8s-tools
+	$(BIN)/pytest tests/k8s -q
+
 demo: install
 	$(BIN)/cxr demo
 
-test: install
+test: install k8s-tools
 	$(BIN)/pytest
 
 test-unit: install
@@ -73,5 +92,9 @@ bench-isolation: install
 bench-worklist: install
 	$(BIN)/python -m bench.worklist
 
+# Images/s per executor core: local[1], local[2] and a standalone cluster of one and two workers, side by side.
+bench-cluster: install
+	$(BIN)/python -m bench.cluster
+
 clean:
-	rm -rf $(VENV) jvm/lib jvm/target jvm/*/target .cxr .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) jvm/lib jvm/target jvm/*/target .cxr .pytest_cache .mypy_cache .ruff_cache .tools
