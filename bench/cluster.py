@@ -26,12 +26,14 @@ import contextlib
 import json
 import statistics
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.compare import Bench, machine
+from bench.harness import Feeder, ResultClock
 from bench.models import bundle_dir
 from streaming.broker import EmbeddedBroker
 from streaming.settings import Settings
@@ -59,13 +61,62 @@ SETUPS = (
 )
 
 
+#: What a process of this bench's tree is, by its command line (first match wins).
+ROLES = (
+    ("scoring Python workers", ("pyspark.daemon", "pyspark.worker")),
+    ("executor JVMs", ("CoarseGrainedExecutorBackend",)),
+    ("master and workers", ("org.apache.spark.deploy.master", "org.apache.spark.deploy.worker")),
+    ("driver JVM", ("org.apache.spark.deploy.SparkSubmit",)),
+    ("driver Python", ("streaming.cli",)),
+    ("Kafka broker", ("kafka.Kafka",)),
+)
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role in this process's tree (this process: "bench")."""
+    import psutil  # type: ignore[import-untyped]
+
+    me = psutil.Process()
+    totals = dict.fromkeys([role for role, _ in ROLES], 0.0) | {"bench": 0.0}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            command = " ".join(proc.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
+        role = next((r for r, marks in ROLES if any(m in command for m in marks)), "bench")
+        totals[role] += times.user + times.system
+    return totals
+
+
 class ClusterBench(Bench):
-    """`bench.compare`'s measurement of cxr-stream, with the Spark master and its settings of one set-up."""
+    """`bench.compare`'s measurement of cxr-stream, with the Spark master and its settings of one set-up, and the
+    CPU each role used during the measuring window (in cores: CPU seconds per second)."""
 
     extra_env: dict[str, str]
+    window_cores: dict[str, float]
 
     def env(self, topics: dict[str, str], bundle: Path, run_dir: Path) -> dict[str, str]:
         return {**super().env(topics, bundle, run_dir), **self.extra_env}
+
+    def throughput(self, clock: ResultClock, feeder: Feeder) -> float:
+        """`Bench.throughput`, which keeps a backlog twice (warm-up, then the window): the CPU of the second."""
+        spans: list[tuple[float, dict[str, float], float, dict[str, float]]] = []
+        keep_backlog = feeder.keep_backlog
+
+        def measured(*args: Any, **kwargs: Any) -> None:
+            start, before = time.monotonic(), cpu_by_role()
+            keep_backlog(*args, **kwargs)
+            spans.append((start, before, time.monotonic(), cpu_by_role()))
+
+        feeder.keep_backlog = measured  # type: ignore[method-assign]
+        try:
+            rate = super().throughput(clock, feeder)
+        finally:
+            feeder.keep_backlog = keep_backlog  # type: ignore[method-assign]
+        start, before, end, after = spans[-1]
+        self.window_cores = {role: max(0.0, after[role] - before[role]) / (end - start) for role in after}
+        return rate
 
 
 @contextlib.contextmanager
@@ -88,8 +139,23 @@ def measure(bench: ClusterBench, setup: Setup, workdir: Path) -> dict[str, Any]:
             "SPARK_LOCAL_IP": "127.0.0.1",
         }
         run = bench.measure("cxr-stream", "demo", bundle_dir("demo", workdir))
-    run.update(setup=setup.name, slots=setup.slots, per_slot=run["throughput"] / setup.slots)
+    cores = bench.window_cores
+    # Executor side: the Python workers and their JVM (in local mode the driver's JVM is the executor).
+    executor = cores["scoring Python workers"] + cores["executor JVMs" if not setup.local else "driver JVM"]
+    run.update(
+        setup=setup.name,
+        slots=setup.slots,
+        per_slot=run["throughput"] / setup.slots,
+        window_cores={role: round(c, 3) for role, c in cores.items()},
+        per_executor_cpu=run["throughput"] / executor if executor else None,
+        per_python_cpu=run["throughput"] / cores["scoring Python workers"] if cores["scoring Python workers"] else None,
+    )
     return run
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,6 +173,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "throughput": statistics.median(mine),
                 "per_slot": statistics.median(mine) / setup.slots,
                 "first_result_s": statistics.median(r["first_result_s"] for r in runs if r["setup"] == setup.name),
+                "per_executor_cpu": _median(r.get("per_executor_cpu") for r in runs if r["setup"] == setup.name),
+                "per_python_cpu": _median(r.get("per_python_cpu") for r in runs if r["setup"] == setup.name),
+                "window_cores": next(r["window_cores"] for r in runs if r["setup"] == setup.name),
             }
         )
     base = next((row["throughput"] for row in rows if row["setup"] == "local[1]"), None)
@@ -132,6 +201,20 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {row['setup']} | {row['slots']} | {row['throughput']:.1f} | {row['per_slot']:.1f} | "
             f"{f'{ratio:.2f}x' if ratio else '-'} | {row['first_result_s']:.0f} |"
         )
+    roles = [role for role, _ in ROLES] + ["bench"]
+    lines += [
+        "",
+        "CPU during the window, in cores (CPU seconds per second), and images per CPU-second of the executor side "
+        "(the scoring Python workers and their JVM: the driver's in local mode):",
+        "",
+        "| set-up | " + " | ".join(roles) + " | images per executor CPU-s | images per Python-worker CPU-s |",
+        "|---|" + "---:|" * (len(roles) + 2),
+    ]
+    for row in results["summary"]:
+        cores = row.get("window_cores") or {}
+        figures = [f"{cores.get(role, 0.0):.2f}" for role in roles]
+        per = [f"{row[k]:.1f}" if row.get(k) else "-" for k in ("per_executor_cpu", "per_python_cpu")]
+        lines.append(f"| {row['setup']} | " + " | ".join(figures + per) + " |")
     by_name = {row["setup"]: row for row in results["summary"]}
     pairs = [
         ("standalone 1 x 1", "local[1]", "one slot: the cluster against local mode"),

@@ -335,6 +335,13 @@ _worker_cache: dict[tuple[str, str], LoadedBundle] = {}
 _worker_lock = threading.Lock()
 
 
+def spark_local_dir() -> str | None:
+    """The first of the executor's local folders, which Spark gives every Python worker (`SPARK_LOCAL_DIRS`) and
+    deletes itself when the executor goes; None outside Spark (the system's temporary folder)."""
+    dirs = [d for d in os.environ.get("SPARK_LOCAL_DIRS", "").split(",") if d and os.path.isdir(d)]
+    return dirs[0] if dirs else None
+
+
 def load_archive(archive: BundleArchive, threads: int | None = None, device: InferenceDevice = "auto") -> LoadedBundle:
     """The archive's model, loaded once per process and kept (Spark reuses Python workers across batches).
 
@@ -352,19 +359,24 @@ def load_archive(archive: BundleArchive, threads: int | None = None, device: Inf
                 ",".join(spark_gpus),
             )
         restrict_visible_gpus(device, spark_gpus)
-        # Kept for the life of the worker: a SavedModel may read its assets lazily.
-        tmp = tempfile.mkdtemp(prefix=f"cxr-bundle-{archive.digest}-")
+        # A Python worker may end by SIGKILL (Spark's daemon, the OOM killer), which no clean-up survives: the
+        # copy goes where Spark deletes it with the executor, and a .keras copy is deleted once loaded.
+        tmp = tempfile.mkdtemp(prefix=f"cxr-bundle-{archive.digest}-", dir=spark_local_dir())
         target = Path(tmp) / archive.model_filename
-        if archive.model_format == "savedmodel":
-            with tarfile.open(fileobj=io.BytesIO(archive.model_bytes)) as tar:
-                tar.extractall(tmp, filter="data")
-        else:
-            target.write_bytes(archive.model_bytes)
+        keep = archive.model_format == "savedmodel"  # a SavedModel may read its assets lazily: kept for life
         try:
+            if archive.model_format == "savedmodel":
+                with tarfile.open(fileobj=io.BytesIO(archive.model_bytes)) as tar:
+                    tar.extractall(tmp, filter="data")
+            else:
+                target.write_bytes(archive.model_bytes)
             loaded = load_model_file(archive.descriptor, target, threads, device, spark_gpus)
         except BaseException:  # a worker that fails (no GPU, a bad model) may be retried: leave no copy behind
-            shutil.rmtree(tmp, ignore_errors=True)
+            keep = False
             raise
+        finally:
+            if not keep:
+                shutil.rmtree(tmp, ignore_errors=True)
         log.info(
             "loaded model bundle %s %s in worker %d on %s",
             loaded.descriptor.name,

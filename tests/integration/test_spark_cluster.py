@@ -24,7 +24,7 @@ from spark_cluster import EXECUTOR_CLASS, SparkCluster, free_port, process_tree
 from streaming.bundle import ModelRef, read_descriptor, resolve_model_path
 from streaming.contracts import Reference
 from streaming.settings import default_bundle_dir
-from streams import JobProcess, SteadyProducer, Tally, answered_count, image_references, job_env, wait_until_answered
+from streams import JobProcess, SteadyProducer, answered_count, image_references, job_env, wait_until_answered
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BATCH = 32  # CXR_MAX_OFFSETS_PER_TRIGGER in job_env: what one failed task may have written twice
@@ -122,7 +122,6 @@ def test_scores_in_the_workers_like_local_mode_and_survives_a_killed_executor(
         return f"{job.log()[-3000:]}\n{spark_cluster.logs(1500)}"
 
     samples = image_references(sample_jpegs, 16)
-    tally: Tally | None = None
     try:
         # 1. The sixteen X-rays, scored in the workers' executors.
         SteadyProducer(bootstrap, topics["input_topic"], samples, rate_per_s=100.0).start().join(60)
@@ -173,7 +172,8 @@ def test_scores_in_the_workers_like_local_mode_and_survives_a_killed_executor(
         dead = [e for e in rest.executors(app_id, every=True) if not e["isActive"]]
     finally:
         job.stop()
-    print(f"\n[cluster] executor {killed} killed: {tally.summary(sent) if tally else '-'}")
+    failed = sum(e["failedTasks"] for e in dead)
+    print(f"\n[cluster] executor JVM {killed} killed ({failed} task(s) lost with it): {tally.summary(sent)}")
     assert not tally.lost(sent), context()
     assert not tally.dead_letters, list(tally.dead_letters.values())[:3]
     assert tally.duplicates <= 2 * BATCH

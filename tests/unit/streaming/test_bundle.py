@@ -316,7 +316,11 @@ def test_load_archive_caches_by_digest(tiny_bundle: Path, inputs: np.ndarray, ke
 
 
 def test_savedmodel_bundle_loads_and_travels_as_an_archive(
-    tmp_path: Path, keras_model_file: Path, inputs: np.ndarray, keras_probabilities: np.ndarray
+    tmp_path: Path,
+    keras_model_file: Path,
+    inputs: np.ndarray,
+    keras_probabilities: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import keras
 
@@ -330,5 +334,39 @@ def test_savedmodel_bundle_loads_and_travels_as_an_archive(
 
     archive = pack(folder)
     assert archive.model_format == "savedmodel" and archive.model_filename == "model"
+    local = tmp_path / "spark-local"
+    local.mkdir()
+    monkeypatch.setenv("SPARK_LOCAL_DIRS", str(local))
     unpacked = load_archive(archive)
     np.testing.assert_allclose(unpacked.predict(inputs, 4), keras_probabilities, rtol=1e-5, atol=1e-6)
+    # Kept for the worker's life (assets may be read lazily), in the executor's folder that Spark deletes.
+    assert [p.name.startswith(f"cxr-bundle-{archive.digest}-") for p in local.iterdir()] == [True]
+
+
+def test_load_archive_leaves_no_copy_of_a_keras_model_behind(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inputs: np.ndarray
+) -> None:
+    """A Python worker killed by SIGKILL cleans nothing up; each one used to leave an 84 MB copy of the demo model
+    in /tmp, until executors' disks were full. A .keras file is read whole, so its copy goes right after loading."""
+    local = tmp_path / "spark-local"
+    local.mkdir()
+    monkeypatch.setenv("SPARK_LOCAL_DIRS", f"{local},{tmp_path / 'absent'}")
+    from streaming import bundle as bundles
+
+    given: list[Path] = []
+    real = bundles.load_model_file
+    monkeypatch.setattr(bundles, "load_model_file", lambda d, path, *a: given.append(path) or real(d, path, *a))
+    fresh = write_bundle(tmp_path / "b", tiny_descriptor(str(tiny_bundle / "tiny.keras"), version="no-copy"))
+    loaded = load_archive(pack(fresh))
+    assert len(given) == 1 and given[0].parent.parent == local  # unpacked in the executor's folder...
+    assert list(local.iterdir()) == []  # ...and gone once loaded
+    assert loaded.predict(inputs, 4).shape == (5, 2)  # the model no longer needs the file
+
+
+def test_spark_local_dir_is_the_first_existing_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streaming.bundle import spark_local_dir
+
+    monkeypatch.delenv("SPARK_LOCAL_DIRS", raising=False)
+    assert spark_local_dir() is None
+    monkeypatch.setenv("SPARK_LOCAL_DIRS", f"{tmp_path / 'absent'},{tmp_path}")
+    assert spark_local_dir() == str(tmp_path)
