@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -115,15 +115,22 @@ def cmd_broker(args: argparse.Namespace) -> int:
             ", ".join(topics),
             broker.workdir,
         )
-        while broker.running:
-            if stop.wait(0.5):
-                return 0
+        if _serve_while(lambda: broker.running):
+            return 0
         log.error("the broker exited; see %s", broker.log_file)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
         broker.stop()
+
+
+def _serve_while(alive: Callable[[], bool]) -> bool:
+    """Waits in the foreground while `alive()`: True when stopped on request, False when it no longer holds."""
+    while alive():
+        if stop.wait(0.5):
+            return True
+    return False
 
 
 def _broker_cluster(args: argparse.Namespace) -> int:
@@ -150,13 +157,16 @@ def _broker_cluster(args: argparse.Namespace) -> int:
             cluster.workdir,
         )
         down: set[int] = set()
-        while 2 * sum(n.running for n in cluster.nodes) > args.nodes:
+
+        def majority_alive() -> bool:
             for node in cluster.nodes:
                 if not node.running and node.node_id not in down:
                     down.add(node.node_id)
                     log.warning("Kafka node %d exited; see %s", node.node_id, node.log_file)
-            if stop.wait(0.5):
-                return 0
+            return 2 * sum(n.running for n in cluster.nodes) > args.nodes
+
+        if _serve_while(majority_alive):
+            return 0
         log.error("a majority of the Kafka nodes exited; see the logs under %s", cluster.workdir)
         return 1
     except KeyboardInterrupt:
