@@ -1,0 +1,1 @@
+"""Transfer learning and evaluation that produce model bundles (`cxr train`, `cxr evaluate`)."""
