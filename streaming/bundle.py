@@ -17,15 +17,16 @@ import importlib.util
 import io
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,6 +37,7 @@ from streaming.triage import TriageRules
 
 DESCRIPTOR_NAME = "bundle.json"
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class BundleError(RuntimeError):
@@ -64,6 +66,10 @@ class InputDescriptor(_Frozen):
     channels: Literal[1, 3] = 3
     resample: Resample = Resample.NEAREST
 
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(self.height, self.width, self.channels, self.resample)
+
 
 class PreprocessingDescriptor(_Frozen):
     scheme: Literal["none", "unit", "xception", "inception", "tf", "torch", "imagenet", "custom"] = "none"
@@ -72,9 +78,28 @@ class PreprocessingDescriptor(_Frozen):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
+    @property
+    def scaling(self) -> Scaling:
+        return Scaling(self.scheme, self.scale, self.offset, self.mean, self.std)
+
 
 class OutputDescriptor(_Frozen):
     activation: Activation = Activation.NONE
+
+
+class TrainingRecord(_Frozen):
+    """Where a bundle made by `cxr train` came from: enough to tell two trainings apart and find the report.
+
+    `data_fingerprint` changes with any image added, removed, changed or relabelled; it never holds patient data.
+    """
+
+    data_fingerprint: str = Field(min_length=1)
+    data_source: str
+    examples: dict[str, int]
+    backbone: str
+    head: str
+    trained_at: str
+    evaluation: str = "evaluation.json"
 
 
 class Descriptor(_Frozen):
@@ -88,6 +113,8 @@ class Descriptor(_Frozen):
     preprocessing: PreprocessingDescriptor = PreprocessingDescriptor()
     output: OutputDescriptor = OutputDescriptor()
     triage: TriageRules = TriageRules()
+    #: set by `cxr train`; absent for bundles written by hand
+    training: TrainingRecord | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Descriptor:
@@ -101,12 +128,11 @@ class Descriptor(_Frozen):
 
     @property
     def input_spec(self) -> InputSpec:
-        return InputSpec(self.input.height, self.input.width, self.input.channels, self.input.resample)
+        return self.input.spec
 
     @property
     def scaling(self) -> Scaling:
-        p = self.preprocessing
-        return Scaling(p.scheme, p.scale, p.offset, p.mean, p.std)
+        return self.preprocessing.scaling
 
     @property
     def identity(self) -> dict[str, str]:
@@ -156,16 +182,20 @@ class BundleArchive:
         return Descriptor.model_validate_json(self.descriptor_json)
 
 
-def pack(bundle_dir: Path) -> BundleArchive:
-    descriptor = read_descriptor(bundle_dir)
-    model_path = resolve_model_path(descriptor, bundle_dir)
+def model_bytes(model_path: Path) -> bytes:
+    """A model as bytes to broadcast: a `.keras` file as it is, a SavedModel folder as an uncompressed tar."""
     if model_path.is_dir():
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             tar.add(model_path, arcname=model_path.name)
-        data = buffer.getvalue()
-    else:
-        data = model_path.read_bytes()
+        return buffer.getvalue()
+    return model_path.read_bytes()
+
+
+def pack(bundle_dir: Path) -> BundleArchive:
+    descriptor = read_descriptor(bundle_dir)
+    model_path = resolve_model_path(descriptor, bundle_dir)
+    data = model_bytes(model_path)
     descriptor_json = descriptor.model_dump_json()
     digest = hashlib.sha256(descriptor_json.encode() + data).hexdigest()[:16]
     return BundleArchive(descriptor_json, descriptor.model.format, model_path.name, data, digest)
@@ -208,11 +238,14 @@ class LoadedBundle:
         self.predict(np.zeros((batch_size, spec.height, spec.width, spec.channels), np.float32), batch_size)
 
 
-def _compiled_keras(model: Any, descriptor: Descriptor, device: str) -> Callable[[np.ndarray], np.ndarray]:
+def compiled_keras(model: Any, input_shape: tuple[int, int, int], device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A Keras model's forward pass as one traced graph on `device`, for batches of `input_shape` images.
+
+    Tracing once (`reduce_retracing`, any batch size) is what makes per-batch inference cheap; `model.predict`
+    would rebuild its data pipeline on every call."""
     import tensorflow as tf
 
-    spec = descriptor.input
-    signature = [tf.TensorSpec([None, spec.height, spec.width, spec.channels], tf.float32)]
+    signature = [tf.TensorSpec([None, *input_shape], tf.float32)]
 
     @tf.function(input_signature=signature, reduce_retracing=True)
     def infer(x: Any) -> Any:
@@ -288,6 +321,21 @@ def plan_device(wanted: InferenceDevice, spark_gpus: Sequence[str] = ()) -> Devi
     return plan
 
 
+def load_keras(
+    model_path: Path, threads: int | None = None, device: InferenceDevice = "auto", spark_gpus: Sequence[str] = ()
+) -> tuple[Any, DevicePlan]:
+    """A `.keras` model as Keras objects (not compiled for training), placed on the device the plan chose.
+
+    Raises `DeviceError` for a GPU wanted or assigned but not found."""
+    import_tensorflow(threads)
+    plan = plan_device(device, spark_gpus)
+    import keras
+    import tensorflow as tf
+
+    with tf.device(plan.tf_device):
+        return keras.models.load_model(model_path, compile=False), plan
+
+
 def load_model_file(
     descriptor: Descriptor,
     model_path: Path,
@@ -297,17 +345,16 @@ def load_model_file(
 ) -> LoadedBundle:
     """Load and validate the TensorFlow model behind a descriptor, on the device `device` and `spark_gpus` (the
     task's GPU addresses) call for. Raises `DeviceError` for a GPU wanted or assigned but not found."""
+    if descriptor.model.format == "keras":
+        model, plan = load_keras(model_path, threads, device, spark_gpus)
+        _validate(descriptor, model.input_shape, model.output_shape)
+        spec = descriptor.input
+        forward = compiled_keras(model, (spec.height, spec.width, spec.channels), plan.tf_device)
+        return LoadedBundle(descriptor, forward, plan.label)
+
     import_tensorflow(threads)
     plan = plan_device(device, spark_gpus)
     import tensorflow as tf
-
-    if descriptor.model.format == "keras":
-        import keras
-
-        with tf.device(plan.tf_device):
-            model = keras.models.load_model(model_path, compile=False)
-        _validate(descriptor, model.input_shape, model.output_shape)
-        return LoadedBundle(descriptor, _compiled_keras(model, descriptor, plan.tf_device), plan.label)
 
     with tf.device(plan.tf_device):
         loaded = tf.saved_model.load(str(model_path))
@@ -331,7 +378,7 @@ def load(bundle_dir: Path, device: InferenceDevice = "auto") -> LoadedBundle:
     return load_model_file(descriptor, resolve_model_path(descriptor, bundle_dir), device=device)
 
 
-_worker_cache: dict[tuple[str, str], LoadedBundle] = {}
+_worker_cache: dict[Hashable, Any] = {}
 _worker_lock = threading.Lock()
 
 
@@ -342,47 +389,86 @@ def spark_local_dir() -> str | None:
     return dirs[0] if dirs else None
 
 
+def worker_cached(key: Hashable, build: Callable[[], T]) -> T:
+    """What `build` returns, built once per process and kept (Spark reuses Python workers across batches and
+    tasks). One lock for all keys: two models are never loaded at once, so a worker's peak memory is one load."""
+    with _worker_lock:
+        if key not in _worker_cache:
+            _worker_cache[key] = build()
+        cached: T = _worker_cache[key]
+        return cached
+
+
+def task_gpus(device: InferenceDevice) -> list[str]:
+    """The GPUs Spark assigned to this task, with the process limited to them before TensorFlow starts (on
+    "cpu": to none)."""
+    spark_gpus = task_gpu_addresses()
+    if device == "cpu" and spark_gpus:
+        log.warning(
+            "Spark assigned GPU %s to this task but CXR_INFERENCE_DEVICE=cpu: scoring on the CPU", ",".join(spark_gpus)
+        )
+    restrict_visible_gpus(device, spark_gpus)
+    return spark_gpus
+
+
+def load_unpacked(model_format: str, model_filename: str, data: bytes, digest: str, load: Callable[[Path], T]) -> T:
+    """`load` applied to a broadcast model written back to disk, where Spark deletes it with the executor.
+
+    A Python worker may end by SIGKILL (Spark's daemon, the OOM killer), which no clean-up survives: the copy
+    goes under the executor's local folder, and a `.keras` copy is deleted once loaded. A SavedModel may read
+    its assets lazily, so a loaded one is kept for the life of the worker.
+    """
+    tmp = tempfile.mkdtemp(prefix=f"cxr-bundle-{digest}-", dir=spark_local_dir())
+    keep = model_format == "savedmodel"
+    try:
+        if model_format == "savedmodel":
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                tar.extractall(tmp, filter="data")
+        else:
+            (Path(tmp) / model_filename).write_bytes(data)
+        return load(Path(tmp) / model_filename)
+    except BaseException:  # a worker that fails (no GPU, a bad model) may be retried: leave no copy behind
+        keep = False
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_archive(archive: BundleArchive, threads: int | None = None, device: InferenceDevice = "auto") -> LoadedBundle:
     """The archive's model, loaded once per process and kept (Spark reuses Python workers across batches).
 
     In a Spark task that was assigned GPUs, the process is first limited to those (before TensorFlow starts),
     and the model stays on the first of them for the life of the worker; on "cpu" it sees no GPU at all.
     """
-    with _worker_lock:
-        cached = _worker_cache.get((archive.digest, device))
-        if cached is not None:
-            return cached
-        spark_gpus = task_gpu_addresses()
-        if device == "cpu" and spark_gpus:
-            log.warning(
-                "Spark assigned GPU %s to this task but CXR_INFERENCE_DEVICE=cpu: scoring on the CPU",
-                ",".join(spark_gpus),
-            )
-        restrict_visible_gpus(device, spark_gpus)
-        # A Python worker may end by SIGKILL (Spark's daemon, the OOM killer), which no clean-up survives: the
-        # copy goes where Spark deletes it with the executor, and a .keras copy is deleted once loaded.
-        tmp = tempfile.mkdtemp(prefix=f"cxr-bundle-{archive.digest}-", dir=spark_local_dir())
-        target = Path(tmp) / archive.model_filename
-        keep = archive.model_format == "savedmodel"  # a SavedModel may read its assets lazily: kept for life
-        try:
-            if archive.model_format == "savedmodel":
-                with tarfile.open(fileobj=io.BytesIO(archive.model_bytes)) as tar:
-                    tar.extractall(tmp, filter="data")
-            else:
-                target.write_bytes(archive.model_bytes)
-            loaded = load_model_file(archive.descriptor, target, threads, device, spark_gpus)
-        except BaseException:  # a worker that fails (no GPU, a bad model) may be retried: leave no copy behind
-            keep = False
-            raise
-        finally:
-            if not keep:
-                shutil.rmtree(tmp, ignore_errors=True)
+
+    def build() -> LoadedBundle:
+        spark_gpus = task_gpus(device)
+        descriptor = archive.descriptor
+        loaded = load_unpacked(
+            archive.model_format,
+            archive.model_filename,
+            archive.model_bytes,
+            archive.digest,
+            lambda path: load_model_file(descriptor, path, threads, device, spark_gpus),
+        )
         log.info(
             "loaded model bundle %s %s in worker %d on %s",
-            loaded.descriptor.name,
-            loaded.descriptor.version,
+            descriptor.name,
+            descriptor.version,
             os.getpid(),
             loaded.device,
         )
-        _worker_cache[archive.digest, device] = loaded
         return loaded
+
+    return worker_cached(("bundle", archive.digest, device), build)
+
+
+_RAISED_IN_WORKER = re.compile(rf"{re.escape(f'{BundleError.__module__}.{BundleError.__qualname__}')}: ([^\n]+)")
+
+
+def bundle_error_in(text: str) -> BundleError | None:
+    """The `BundleError` a Python worker raised (a descriptor that does not match its model), found in the text
+    of the Spark exception that carried it to the driver; None if it holds none."""
+    match = _RAISED_IN_WORKER.search(text)
+    return BundleError(match.group(1).strip()) if match else None

@@ -10,17 +10,21 @@ restarting alone will not help.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streaming import logs
 from streaming.settings import Settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger("cxr")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -321,23 +325,159 @@ def _pacs_feed(feeds: Any, name: str, help_text: str, url_help: str, func: Any) 
     parser.set_defaults(func=func, begin="now")
 
 
-def cmd_batch(args: argparse.Namespace) -> int:
-    from streaming.batch import run_batch
+@contextlib.contextmanager
+def _session(settings: Settings, app_name: str) -> Iterator[SparkSession]:
+    """A Spark session for one batch command, stopped after it unless it was already running (the session an
+    embedding program, such as the test suite, shares)."""
+    from pyspark.sql import SparkSession
+
     from streaming.spark import get_session
+
+    owned = SparkSession.getActiveSession() is None
+    spark = get_session(settings, app_name)
+    try:
+        yield spark
+    finally:
+        if owned:
+            spark.stop()
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Exit 0 when every reference is answered; 2 for a source or output to fix; 1 when it failed or was
+    stopped before the end (run it again: it resumes)."""
+    from streaming.batch import OutputError, output_for, run_batch
+    from streaming.sources import SourceError, table_format
 
     source = Path(args.source)
     settings = load_settings(args)
     if not source.exists():
         log.error("no such folder or file: %s", source)
-        return 2
-    spark = get_session(settings, "cxr-batch")
+        return EXIT_CONFIG
+    if args.chunk_size < 1:
+        log.error("--chunk-size must be at least 1")
+        return EXIT_CONFIG
+    try:  # what can be checked without Spark, before it starts
+        table_format(source)
+        where = output_for(settings, args.output, args.output_format).describe()
+    except (SourceError, OutputError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
     try:
-        summary = run_batch(spark, settings, source, args.output)
-    finally:
-        spark.stop()
-    where = args.output or f"{settings.results_topic} / {settings.dead_letter_topic}"
-    log.info("scored %d, dead-lettered %d → %s", summary.scored, summary.dead_letters, where)
-    return 0
+        with _session(settings, "cxr-batch") as spark:
+            summary = run_batch(
+                spark,
+                settings,
+                source,
+                args.output,
+                output_format=args.output_format,
+                chunk_size=args.chunk_size,
+                progress=False if args.no_progress else None,
+                stop=stop.is_set,
+            )
+    except (SourceError, OutputError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    print(summary.line(where), flush=True)
+    return EXIT_OK if summary.complete else EXIT_FAILED
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from streaming.bundle import BundleError, read_descriptor
+    from training.data import DataError, with_data_root
+    from training.evaluate import run_evaluation
+
+    source = Path(args.data)
+    try:
+        descriptor = read_descriptor(args.bundle)
+        settings = with_data_root(load_settings(args, model_bundle=args.bundle), source)
+    except (BundleError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    out = args.out or Path(f"evaluation-{descriptor.name}-{descriptor.version}")
+    try:
+        with _session(settings, "cxr-evaluate") as spark:
+            run = run_evaluation(spark, settings, source, out)
+    except (DataError, BundleError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    _print_evaluation(run.evaluation, run.unscored)
+    log.info("report: %s (and %s)", run.files.markdown, run.files.json)
+    return EXIT_OK
+
+
+def _print_evaluation(evaluation: Any, unscored: dict[str, int]) -> None:
+    """The confusion matrix and each label's AUROC on the console; the report has the rest."""
+    from rich.console import Console
+    from rich.table import Table
+
+    matrix = Table(title=f"{evaluation.count} images", caption="rows: true, columns: predicted")
+    matrix.add_column("")
+    for label in evaluation.labels:
+        matrix.add_column(label, justify="right")
+    for label, row in zip(evaluation.labels, evaluation.confusion, strict=True):
+        matrix.add_row(label, *(str(n) for n in row))
+    console = Console()
+    console.print(matrix)
+    correct = sum(evaluation.confusion[i][i] for i in range(len(evaluation.labels)))
+    console.print(f"accuracy {correct}/{evaluation.count} ({evaluation.accuracy:.1%})")
+    for metrics in evaluation.per_label:
+        if metrics.label in evaluation.normal_labels and len(evaluation.labels) == 2:
+            continue  # the other label's, mirrored
+        if metrics.auroc is not None and metrics.auroc_ci is not None:
+            low, high = metrics.auroc_ci
+            console.print(f"AUROC {metrics.label}: {metrics.auroc:.3f} ({low:.3f}-{high:.3f})")
+    if unscored:
+        console.print("not scored: " + ", ".join(f"{reason} x{n}" for reason, n in sorted(unscored.items())))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Exit 0 with the bundle written; 2 for data, flags, a backbone or an --out to fix; 1 when training failed."""
+    from streaming.bundle import BundleError
+    from training.data import DataError
+    from training.export import ExportError, check_target
+    from training.train import OptionsError, TrainOptions, parse_size, train
+
+    try:  # what can be checked without Spark, before it starts
+        size = parse_size(args.backbone_input) if args.backbone_input else None
+    except OptionsError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    given = {
+        "name": args.name,
+        "version": args.version,
+        "backbone": args.backbone,
+        "backbone_input": size,
+        "backbone_scaling": args.backbone_scaling,
+        "backbone_resample": args.backbone_resample,
+        "head": args.head,
+        "test": args.test,
+        "test_fraction": args.test_fraction,
+        "seed": args.seed,
+        "normal_labels": tuple(args.normal_label) if args.normal_label else None,
+        "stat_sensitivity": args.stat_sensitivity,
+        "urgent_sensitivity": args.urgent_sensitivity,
+        "reg": args.reg,
+        "epochs": args.epochs,
+        "bootstrap": args.bootstrap,
+    }
+    try:
+        options = TrainOptions(
+            data=args.data, out=args.out, force=args.force, **{k: v for k, v in given.items() if v is not None}
+        )
+        check_target(options.out, options.force)
+    except (OptionsError, ExportError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    settings = load_settings(args)
+    try:
+        with _session(settings, "cxr-train") as spark:
+            summary = train(spark, settings, options)
+    except (DataError, ExportError, BundleError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    for line in summary.lines():
+        print(line, flush=True)
+    return EXIT_OK
 
 
 def cmd_worklist(args: argparse.Namespace) -> int:
@@ -412,12 +552,93 @@ def build_parser() -> argparse.ArgumentParser:
     _job(run)
     run.set_defaults(func=cmd_run)
 
-    batch = sub.add_parser("batch", help="score a folder or a JSON-lines file of references in one batch job")
+    batch = sub.add_parser(
+        "batch", help="score a folder of images or a table of references with the same scorer (backfill, resumable)"
+    )
     _common(batch)
     _job(batch)
-    batch.add_argument("source", help="a folder of images, or a file with one reference message per line")
-    batch.add_argument("--output", type=Path, help="write results/ and dead-letter/ JSON lines here, not to Kafka")
+    batch.add_argument(
+        "source",
+        help="a folder of images (PNG, JPEG, DICOM), or a table of references: JSON lines (.jsonl, .json, .ndjson: "
+        "one reference message per line), or CSV or Parquet (.csv, .parquet or a Parquet folder) with a uri column",
+    )
+    batch.add_argument(
+        "--output", type=Path, help="write DIR/results/ and DIR/dead-letter/ here instead of the Kafka topics"
+    )
+    batch.add_argument(
+        "--format",
+        dest="output_format",
+        choices=("jsonl", "parquet"),
+        default="jsonl",
+        help="with --output: JSON lines (default) or Parquet (the message in 'value', with typed columns)",
+    )
+    batch.add_argument(
+        "--chunk-size",
+        type=int,
+        default=2000,
+        help="references per committed write (default 2000): a kill loses at most one chunk of work",
+    )
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar (progress lines are still logged)")
     batch.set_defaults(func=cmd_batch)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a model bundle on labelled images: the report cxr train writes"
+    )
+    _common(evaluate)
+    evaluate.add_argument("bundle", type=Path, help="the model bundle directory")
+    evaluate.add_argument("data", help="a folder with one sub-folder per label, or a CSV/Parquet table (uri, label)")
+    evaluate.add_argument("--out", type=Path, help="report folder (default evaluation-<name>-<version>)")
+    evaluate.add_argument("--master", dest="spark_master", help="Spark master (default local[*])")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    train = sub.add_parser(
+        "train", help="train a model bundle from labelled images: a head on a frozen backbone's features, on Spark"
+    )
+    _common(train)
+    train.add_argument(
+        "data", type=Path, help="a folder with one sub-folder per label, or a CSV/Parquet table (uri, label)"
+    )
+    train.add_argument(
+        "--out", type=Path, required=True, help="the bundle folder to write (refused when not empty, unless --force)"
+    )
+    train.add_argument("--name", help="the bundle's name (default: the --out folder's name)")
+    train.add_argument("--version", help="the bundle's version (default: the UTC time of training, 20250101T120000Z)")
+    train.add_argument(
+        "--backbone",
+        type=Path,
+        help="a bundle folder (its model's trunk, with the bundle's input and preprocessing) or a .keras feature "
+        "extractor (default: the demo bundle's frozen Xception trunk)",
+    )
+    train.add_argument("--backbone-input", metavar="HxW", help="with a .keras backbone: input size, when not fixed")
+    train.add_argument(
+        "--backbone-scaling",
+        choices=("none", "unit", "xception", "inception", "tf", "torch", "imagenet"),
+        help="with a .keras backbone: its pixel scaling (required)",
+    )
+    train.add_argument(
+        "--backbone-resample",
+        choices=("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"),
+        help="with a .keras backbone: resampling to its input size (default nearest, as Keras' load_img)",
+    )
+    train.add_argument("--head", choices=("logistic", "keras"), help="MLlib logistic regression (default) or Keras")
+    train.add_argument("--test", type=Path, help="a labelled test set (folder or table) instead of a held-out split")
+    train.add_argument("--test-fraction", type=float, help="held out per label, when no --test (default 0.25)")
+    train.add_argument("--seed", type=int, help="seed of the split, the Keras head and the bootstrap (default 0)")
+    train.add_argument(
+        "--normal-label",
+        action="append",
+        help="a label that is no finding (repeatable; default: any label named NORMAL, Normal, normal, No Finding)",
+    )
+    train.add_argument(
+        "--stat-sensitivity", type=float, help="share of each finding's held-out studies STAT must catch (default 0.5)"
+    )
+    train.add_argument("--urgent-sensitivity", type=float, help="share URGENT (or STAT) must catch (default 0.9)")
+    train.add_argument("--reg", type=float, help="L2 strength of the head (default 0.1)")
+    train.add_argument("--epochs", type=int, help="epochs of the Keras head (default 300)")
+    train.add_argument("--bootstrap", type=int, help="bootstrap resamples for the AUROC intervals (default 1000)")
+    train.add_argument("--force", action="store_true", help="replace what --out holds")
+    train.add_argument("--master", dest="spark_master", help="Spark master (default local[*])")
+    train.set_defaults(func=cmd_train)
 
     broker = sub.add_parser("broker", help="an embedded Kafka broker (or a cluster: --nodes 3), in the foreground")
     _common(broker)

@@ -31,7 +31,7 @@ from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
 from streaming import bundle as bundles
 from streaming.contracts import Source
 from streaming.metrics import JobMetrics, QueryHealth, observed_columns
-from streaming.scoring import RawMessage, ScoringConfig, crashed_outcome, scoring_config
+from streaming.scoring import Outcome, RawMessage, ScoringConfig, crashed_outcome, scoring_config
 from streaming.spark import V1_SOURCES, kafka_writes_observable
 from streaming.udf import scoring_udf, warm_up
 
@@ -166,8 +166,11 @@ class BatchWriter:
             value=bytes(row["value"]) if row["value"] is not None else None,
             source=Source(row["topic"], int(row["partition"]), int(row["offset"])),
         )
-        outcome = crashed_outcome(message, self.config)
         log.error("a reference kills the scoring worker every time: dead-lettered as worker_crashed")
+        self.write_crashed(crashed_outcome(message, self.config))
+
+    def write_crashed(self, outcome: Outcome) -> None:
+        """Where a `worker_crashed` dead letter goes: the Kafka sink here (a batch writes to its own output)."""
         frame = self.spark.createDataFrame(
             [(outcome.topic, outcome.key, outcome.value)], "topic string, key string, value string"
         )

@@ -8,11 +8,12 @@ yields exactly one `Outcome` (a result or a dead letter); a bad image fails its 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from streaming.decode import DecodeLimits, decode_image
 from streaming.device import InferenceDevice
 from streaming.errors import CxrError, DecodeError, ErrorCode, FetchError, ScoreError, Stage
 from streaming.fetch import FetchPolicy, fetch
-from streaming.preprocess import draft_size_for, to_model_input
+from streaming.preprocess import InputSpec, Scaling, draft_size_for, to_model_input
 from streaming.triage import priority, top_finding
 
 if TYPE_CHECKING:
@@ -115,9 +116,20 @@ class Outcome:
     stuck_threads: int = 0
 
 
+class InputRules(Protocol):
+    """What preparing an image needs to know of a model: a bundle's `Descriptor`, or the backbone `cxr train`
+    computes features with (so training sees exactly the pixels the stream will)."""
+
+    @property
+    def input_spec(self) -> InputSpec: ...
+
+    @property
+    def scaling(self) -> Scaling: ...
+
+
 def prepare(
     ref: Reference,
-    descriptor: Descriptor,
+    descriptor: InputRules,
     config: ScoringConfig,
     deadline: float | None = None,
     phase: Callable[[Stage], None] = lambda stage: None,
@@ -134,6 +146,16 @@ def prepare(
     spec = descriptor.input_spec
     image = decode_image(data, config.limits, draft_size=draft_size_for(spec))
     return to_model_input(image, spec, descriptor.scaling)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """How preparing one reference ended: its model input, or the error that makes it a dead letter."""
+
+    x: np.ndarray | None
+    error: CxrError | None
+    #: fetch + decode time (the deadline itself for one that overran; 0 for one refused without running)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -164,31 +186,48 @@ def _overran(job: Job[np.ndarray], deadline_s: float) -> CxrError:
     return FetchError(ErrorCode.TIMEOUT, f"fetching the image took longer than the deadline of {deadline_s:g} s")
 
 
-def _settle(row: _Row, job: Job[np.ndarray], pool: DeadlinePool, deadline_s: float) -> None:
-    """Wait for a row's job, bounded by its deadline, and set the row from how it ended.
+def _settle(job: Job[np.ndarray], pool: DeadlinePool, deadline_s: float) -> Prepared:
+    """Wait for a job, bounded by its deadline, and say how it ended.
 
-    Only this (waiting) thread writes the row: a job abandoned past its deadline may finish later, and
-    whatever it returns then is ignored.
+    A job abandoned past its deadline may finish later; whatever it returns then is ignored.
     """
     pool.wait(job)
     if job.refused:
-        row.error = FetchError(
-            ErrorCode.UNAVAILABLE,
-            f"this scoring worker has {pool.max_stuck} reads stuck past their deadline and starts no more until "
-            "they return (storage or server not answering)",
+        return Prepared(
+            None,
+            FetchError(
+                ErrorCode.UNAVAILABLE,
+                f"this scoring worker has {pool.max_stuck} reads stuck past their deadline and starts no more until "
+                "they return (storage or server not answering)",
+            ),
         )
-        return
-    row.prep_s = deadline_s if job.timed_out else job.seconds
     if job.timed_out:
-        row.error = _overran(job, deadline_s)
-    elif isinstance(job.error, CxrError):
-        row.error = job.error
-    elif job.error is not None:  # a decoder bug must not fail the batch
-        row.error = ScoreError(
-            ErrorCode.MODEL_ERROR, f"unexpected {type(job.error).__name__} while preparing the image"
-        )
-    else:
-        row.x = job.result
+        return Prepared(None, _overran(job, deadline_s), deadline_s)
+    if isinstance(job.error, CxrError):
+        return Prepared(None, job.error, job.seconds)
+    if job.error is not None:  # a decoder bug must not fail the batch
+        error = ScoreError(ErrorCode.MODEL_ERROR, f"unexpected {type(job.error).__name__} while preparing the image")
+        return Prepared(None, error, job.seconds)
+    return Prepared(job.result, None, job.seconds)
+
+
+def prepare_each(refs: Sequence[Reference], rules: InputRules, config: ScoringConfig) -> Iterator[Prepared]:
+    """The model inputs of `refs`, in order, fetched and decoded on this worker's deadline pool.
+
+    Every reference is submitted at once, so the pool prepares the next ones while the caller works on those
+    already yielded (TensorFlow releases the GIL: decoding and inference overlap instead of taking turns).
+    Each item ends within `config.deadline_s` of when its thread started on it, whatever the image does.
+    Shared by the scorer and by `cxr train`'s feature extraction, so both see the same pixels.
+    """
+    pool = decode_pool(config)
+
+    def _prepare(ref: Reference, job: Job[np.ndarray]) -> np.ndarray:
+        job.phase = Stage.FETCH
+        return prepare(ref, rules, config, job.deadline_at, partial(setattr, job, "phase"))
+
+    jobs = [pool.submit(partial(_prepare, ref), config.deadline_s) for ref in refs]
+    for job in jobs:
+        yield _settle(job, pool, config.deadline_s)
 
 
 def score_messages(
@@ -208,23 +247,16 @@ def score_messages(
             row.event_id = salvage_event_id(row.message.value)
 
     descriptor = bundle.descriptor
-
-    def _prepare(ref: Reference | None, job: Job[np.ndarray]) -> np.ndarray:
-        assert ref is not None  # pending rows parsed
-        job.phase = Stage.FETCH
-        return prepare(ref, descriptor, config, job.deadline_at, partial(setattr, job, "phase"))
-
     pending = [row for row in rows if row.error is None]
-    pool = decode_pool(config)
-    jobs = [pool.submit(partial(_prepare, row.ref), config.deadline_s) for row in pending]
+    prepared = prepare_each([row.ref for row in pending if row.ref is not None], descriptor, config)
     size = config.inference_batch_size
     ready: list[tuple[_Row, np.ndarray, float]] = []  # row, probabilities, inference seconds per image
-    # Predict each chunk as soon as its images are decoded, while the pool decodes the next ones
-    # (TensorFlow releases the GIL): decoding and inference overlap instead of taking turns.
+    # Predict each chunk as soon as its images are prepared, while the pool prepares the next ones.
     for start in range(0, len(pending), size):
-        for row, job in zip(pending[start : start + size], jobs[start : start + size], strict=True):
-            _settle(row, job, pool, config.deadline_s)
-        batch = [row for row in pending[start : start + size] if row.x is not None]
+        chunk = pending[start : start + size]
+        for row, outcome in zip(chunk, islice(prepared, len(chunk)), strict=True):
+            row.x, row.error, row.prep_s = outcome.x, outcome.error, outcome.seconds
+        batch = [row for row in chunk if row.x is not None]
         if not batch:
             continue
         started = time.perf_counter()
@@ -245,7 +277,7 @@ def score_messages(
             row.error = ScoreError(ErrorCode.MODEL_ERROR, "the model produced a non-finite score for this image")
             continue
         outcomes[id(row)] = _result(row, probs, descriptor, config, scored_at, per_image_s)
-    stuck = pool.stuck
+    stuck = decode_pool(config).stuck
     return [replace(outcomes.get(id(row)) or _dead_letter(row, config, scored_at), stuck_threads=stuck) for row in rows]
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from streaming import logs
-from streaming.bundle import BundleArchive, load_archive
+from streaming.bundle import BundleArchive, bundle_error_in, load_archive
 from streaming.contracts import Source
 from streaming.device import device_error_in
 from streaming.scoring import Outcome, RawMessage, ScoringConfig, score_messages
@@ -108,7 +108,8 @@ def warm_up(spark: SparkSession, archive: Broadcast[BundleArchive], config: Scor
     """Load the model and trace its graph in the Python workers before the first real micro-batch.
 
     One task per core, so each reusable worker gets one. Raises `DeviceError` (a configuration error) when a
-    worker's GPU is configured but not found; Spark carries it to the driver as the text of a task failure.
+    worker's GPU is configured but not found, and `BundleError` when the model does not match its descriptor;
+    Spark carries both to the driver as the text of a task failure.
     """
     from pyspark.sql.functions import pandas_udf
 
@@ -124,8 +125,9 @@ def warm_up(spark: SparkSession, archive: Broadcast[BundleArchive], config: Scor
     try:
         rows = spark.range(slots, numPartitions=slots).select(warm("id").alias("report")).distinct().collect()
     except Exception as exc:
-        device_error = device_error_in(str(exc))
-        if device_error is not None:
-            raise device_error from None
+        # Configuration errors raised in a worker come back as Spark's text: raise them as themselves (exit 2).
+        config_error = device_error_in(str(exc)) or bundle_error_in(str(exc))
+        if config_error is not None:
+            raise config_error from None
         raise
     return WarmUp.from_reports(row["report"] for row in rows)

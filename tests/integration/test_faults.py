@@ -60,7 +60,7 @@ def test_job_sigkilled_three_times_loses_nothing(kafka_broker, topics, sample_jp
     bootstrap = kafka_broker.bootstrap_servers
     env = job_env(bootstrap, topics, [roots["samples"]], tmp_path / "checkpoint")
     job = JobProcess(env, tmp_path / "job.log").start()
-    refs = image_references(sample_jpegs, 200)
+    refs = image_references(sample_jpegs, 120)
     producer = SteadyProducer(bootstrap, topics["input_topic"], refs, rate_per_s=8.0).start()
     rng = random.Random(7)
     kills = 0
@@ -175,9 +175,9 @@ def test_workers_killed_mid_batch_and_a_message_that_kills_its_worker_cost_only_
         bootstrap, topics, [roots["samples"], roots["special"]], tmp_path / "checkpoint", CXR_FAULT_INJECTION="true"
     )
     job = JobProcess(env, tmp_path / "job.log").start()
-    refs = image_references(sample_jpegs, 200)
+    refs = image_references(sample_jpegs, 120)
     bad = Reference(event_id="poison-" + uuid.uuid4().hex[:8], uri=poison.as_uri())
-    refs.insert(150, bad)  # after the kills below
+    refs.insert(90, bad)  # after the kills below
     producer = SteadyProducer(bootstrap, topics["input_topic"], refs, rate_per_s=10.0).start()
     killed = 0
     try:
@@ -246,7 +246,7 @@ def test_a_full_checkpoint_disk_fails_loudly_and_loses_nothing(
     bootstrap = kafka_broker.bootstrap_servers
     env = job_env(bootstrap, topics, [roots["samples"]], small_disk / "checkpoint")
     job = JobProcess(env, tmp_path / "job.log").start()
-    refs = image_references(sample_jpegs, 200)
+    refs = image_references(sample_jpegs, 120)
     producer = SteadyProducer(bootstrap, topics["input_topic"], refs, rate_per_s=8.0).start()
     try:
         assert wait_for(lambda: answered_count(bootstrap, topics) >= 10, 240, poll_s=1.0), job.log()[-3000:]
@@ -334,7 +334,7 @@ def test_reads_that_never_end_become_dead_letters_within_the_deadline(
         ),
         "hang": (Reference(event_id="hang", uri=hang.as_uri()), ("decode", "timeout")),
     }
-    refs = image_references(sample_jpegs, 200)
+    refs = image_references(sample_jpegs, 150)
     for i, (ref, _) in enumerate(traps.values()):
         refs.insert(20 + 40 * i, ref)
     # The job is up and warm before the clock of any trap starts.

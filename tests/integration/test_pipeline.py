@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from keras_reference import keras_probabilities
 from probes import http_get, read_records
 from streaming.contracts import Reference, payload_fields
 from streaming.metrics import MetricsServer
@@ -165,20 +166,11 @@ def run(spark, spark_settings, kafka_broker, sample_jpegs, tmp_path_factory) -> 
 
 
 def test_every_sample_is_scored_exactly_like_plain_keras(run: Run) -> None:
-    import keras
-
-    from streaming.bundle import read_descriptor, resolve_model_path
     from streaming.settings import default_bundle_dir
 
     assert set(run.results) == set(run.good)
-    descriptor = read_descriptor(default_bundle_dir())
-    model = keras.models.load_model(resolve_model_path(descriptor, default_bundle_dir()), compile=False)
     ids = list(run.sample_paths)
-    batch = np.stack(
-        [keras.utils.img_to_array(keras.utils.load_img(run.sample_paths[i], target_size=(150, 150))) for i in ids]
-    )
-    logits = model.predict(batch / 127.5 - 1.0, verbose=0)
-    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    expected = keras_probabilities(default_bundle_dir(), [run.sample_paths[i] for i in ids])
     for event_id, probs in zip(ids, expected, strict=True):
         scores = run.results[event_id]["scores"]
         assert scores["NORMAL"] == pytest.approx(float(probs[0]), abs=1e-4)

@@ -370,3 +370,21 @@ def test_spark_local_dir_is_the_first_existing_one(tmp_path: Path, monkeypatch: 
     assert spark_local_dir() is None
     monkeypatch.setenv("SPARK_LOCAL_DIRS", f"{tmp_path / 'absent'},{tmp_path}")
     assert spark_local_dir() == str(tmp_path)
+
+
+def test_a_bundle_error_raised_in_a_python_worker_is_found_in_sparks_text() -> None:
+    """`cxr run` warms its workers up first: a model that does not match its descriptor must stop it as the
+    configuration error it is (exit 2), not as an opaque task failure."""
+    from streaming.bundle import bundle_error_in
+
+    text = (
+        "An exception was thrown from the Python worker. Please see the stack trace below.\n"
+        "Traceback (most recent call last):\n"
+        '  File "/work/streaming/bundle.py", line 252, in _validate\n'
+        "streaming.bundle.BundleError: bundle site: the model has 2 outputs but the descriptor names 3 labels\n"
+        "\tat org.apache.spark.api.python.BasePythonRunner...\n"
+    )
+    error = bundle_error_in(text)
+    assert isinstance(error, BundleError)
+    assert str(error) == "bundle site: the model has 2 outputs but the descriptor names 3 labels"
+    assert bundle_error_in("Python worker exited unexpectedly (crashed)") is None
