@@ -333,7 +333,11 @@ def _session(settings: Settings, app_name: str) -> Iterator[SparkSession]:
 
     from streaming.spark import get_session
 
-    owned = SparkSession.getActiveSession() is None
+    try:  # the active or the default session: one already running in this process is not this command's
+        SparkSession.active()
+        owned = False
+    except Exception:
+        owned = True
     spark = get_session(settings, app_name)
     try:
         yield spark
