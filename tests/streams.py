@@ -119,7 +119,9 @@ class SteadyProducer:
     rate_per_s: float
     sent: list[str] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
+    attempted: int = 0
     _thread: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> SteadyProducer:
         self._thread = threading.Thread(target=self._run, name="steady-producer", daemon=True)
@@ -139,7 +141,9 @@ class SteadyProducer:
         try:
             start = time.monotonic()
             for i, ref in enumerate(self.refs):
-                time.sleep(max(0.0, start + i / self.rate_per_s - time.monotonic()))
+                if self._stop.wait(max(0.0, start + i / self.rate_per_s - time.monotonic())):
+                    break
+                self.attempted += 1
                 ref = replace(ref, sent_at=rfc3339(now_utc()))
                 future = producer.send(self.topic, key=ref.key.encode(), value=ref.to_json().encode())
                 future.add_callback(lambda _, eid=ref.event_id: self.sent.append(eid))
@@ -150,12 +154,17 @@ class SteadyProducer:
         finally:
             producer.close(timeout=30)
 
+    def stop(self) -> None:
+        """Send nothing more (what was sent still goes out): for a stream that must outlast what the test does."""
+        self._stop.set()
+
     def join(self, timeout_s: float) -> None:
         assert self._thread is not None
         self._thread.join(timeout_s)
         assert not self._thread.is_alive(), "the producer did not finish"
         assert not self.errors, f"the producer failed: {self.errors[:3]}"
-        assert len(self.sent) == len(self.refs), "not every reference was acknowledged by Kafka"
+        assert len(self.sent) == self.attempted, "not every reference was acknowledged by Kafka"
+        assert self.attempted == len(self.refs) or self._stop.is_set(), "the producer stopped early"
 
 
 @dataclass

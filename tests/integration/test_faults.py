@@ -60,8 +60,10 @@ def test_job_sigkilled_three_times_loses_nothing(kafka_broker, topics, sample_jp
     bootstrap = kafka_broker.bootstrap_servers
     env = job_env(bootstrap, topics, [roots["samples"]], tmp_path / "checkpoint")
     job = JobProcess(env, tmp_path / "job.log").start()
-    refs = image_references(sample_jpegs, 120)
-    producer = SteadyProducer(bootstrap, topics["input_topic"], refs, rate_per_s=8.0).start()
+    # More than the job can be sent before the third kill: references keep coming across every restart, so
+    # each start has new work to be killed in the middle of; the stream stops after the last restart.
+    refs = image_references(sample_jpegs, 1000)
+    producer = SteadyProducer(bootstrap, topics["input_topic"], refs, rate_per_s=2.0).start()
     rng = random.Random(7)
     kills = 0
     try:
@@ -73,9 +75,11 @@ def test_job_sigkilled_three_times_loses_nothing(kafka_broker, topics, sample_jp
             job.kill()
             kills += 1
             job.start()
-        producer.join(120)
+        producer.stop()
+        producer.join(60)
         tally = wait_until_answered(bootstrap, topics, producer.sent, timeout_s=300)
     finally:
+        producer.stop()
         job.stop()
     report("SIGKILL x3", tally, producer.sent, restarts=kills)
     assert not tally.lost(producer.sent), job.log()[-3000:]
