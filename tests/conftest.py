@@ -97,10 +97,11 @@ def produce(kafka_broker: object) -> Iterator[object]:
 
 @pytest.fixture
 def consume(kafka_broker: object) -> object:
-    """`consume([topic, ...], n, timeout_s)`: read until n records arrived (or time ran out); returns them."""
+    """`consume([topic, ...], n, timeout_s)`: read until n records arrived (or time ran out); returns them.
+    With n None: every record there now."""
     from probes import read_records
 
-    def read(topic_names: list[str], n: int, timeout_s: float = 120.0) -> list[object]:
+    def read(topic_names: list[str], n: int | None, timeout_s: float = 120.0) -> list[object]:
         return read_records(kafka_broker.bootstrap_servers, topic_names, n, timeout_s)  # type: ignore[attr-defined]
 
     return read

@@ -8,11 +8,19 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 
-def read_records(bootstrap_servers: str, topics: list[str], n: int, timeout_s: float = 120.0) -> list[Any]:
-    """Read from the beginning until `n` records arrived (or time ran out); returns what arrived."""
+def read_records(
+    bootstrap_servers: str, topics: list[str], n: int | None = None, timeout_s: float = 120.0
+) -> list[Any]:
+    """Read from the beginning until `n` records arrived (or time ran out); returns what arrived.
+
+    Without `n`: every record the topics hold when called, returned as soon as the reader reaches the end
+    offsets taken then (a wait loop's probe, which need not sit out a timeout to know it has seen everything).
+    """
+    if n is None:
+        return _read_to_end(bootstrap_servers, topics, timeout_s)
     consumer = KafkaConsumer(
         *topics, bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False
     )
@@ -22,6 +30,27 @@ def read_records(bootstrap_servers: str, topics: list[str], n: int, timeout_s: f
         while len(records) < n and time.monotonic() < deadline:
             for batch in consumer.poll(timeout_ms=500).values():
                 records.extend(batch)
+    finally:
+        consumer.close()
+    return records
+
+
+def _read_to_end(bootstrap_servers: str, topics: list[str], timeout_s: float) -> list[Any]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        partitions = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t))]
+        if not partitions:
+            return records
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        pending = {tp for tp in partitions if consumer.position(tp) < ends[tp]}
+        while pending and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+            pending = {tp for tp in pending if consumer.position(tp) < ends[tp]}
     finally:
         consumer.close()
     return records

@@ -177,8 +177,9 @@ class Tally:
     total_records: int
 
     @classmethod
-    def read(cls, bootstrap: str, results_topic: str, dead_letter_topic: str, expected: int, timeout_s: float) -> Tally:
-        records = read_records(bootstrap, [results_topic, dead_letter_topic], expected, timeout_s)
+    def read(cls, bootstrap: str, results_topic: str, dead_letter_topic: str) -> Tally:
+        """Everything both topics hold now."""
+        records = read_records(bootstrap, [results_topic, dead_letter_topic], timeout_s=60.0)
         results: Counter[str] = Counter()
         dead: dict[str, dict[str, Any]] = {}
         unkeyed = 0
@@ -210,15 +211,16 @@ class Tally:
 
 
 def wait_until_answered(
-    bootstrap: str, topics: dict[str, str], sent: list[str], timeout_s: float, poll_s: float = 3.0
+    bootstrap: str, topics: dict[str, str], sent: list[str], timeout_s: float, poll_s: float = 1.0
 ) -> Tally:
     """Read the outputs until every sent reference is answered, or time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
-        tally = Tally.read(bootstrap, topics["results_topic"], topics["dead_letter_topic"], 10**9, poll_s)
+        tally = Tally.read(bootstrap, topics["results_topic"], topics["dead_letter_topic"])
         if not tally.lost(sent) or time.monotonic() > deadline:
             return tally
+        time.sleep(poll_s)
 
 
 def answered_count(bootstrap: str, topics: dict[str, str]) -> int:
-    return len(Tally.read(bootstrap, topics["results_topic"], topics["dead_letter_topic"], 10**9, 2.0).answered())
+    return len(Tally.read(bootstrap, topics["results_topic"], topics["dead_letter_topic"]).answered())

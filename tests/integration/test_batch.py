@@ -118,7 +118,7 @@ def test_batch_from_a_file_of_references_writes_to_kafka_and_resumes(
     # retried.
     again = run_batch(spark, settings, lines, progress=False)
     assert (again.scored, again.dead_letters, again.skipped) == (0, 1, 3)
-    records = consume([topics["results_topic"], topics["dead_letter_topic"]], 6, timeout_s=5)
+    records = consume([topics["results_topic"], topics["dead_letter_topic"]], None)
     assert Counter(r.topic for r in records) == {topics["results_topic"]: 3, topics["dead_letter_topic"]: 2}
 
 
@@ -223,7 +223,7 @@ def test_a_killed_batch_resumes_without_losing_or_repeating_results(
     args = (str(table), "--chunk-size", "6", "--no-progress")
 
     def results() -> Counter[str]:
-        records = read_records(bootstrap, [topics["results_topic"]], 10**6, timeout_s=1.5)
+        records = read_records(bootstrap, [topics["results_topic"]])
         return Counter(json.loads(r.value)["event_id"] for r in records)
 
     first = BatchProcess(env, tmp_path / "first.log", args).start()

@@ -130,9 +130,7 @@ def test_broker_stopped_for_30_s_loses_nothing(own_broker, sample_jpegs, roots, 
                 assert job.wait_exit(1) == 1, job.log()[-3000:]
                 restarts += 1
                 job.start()
-            return not Tally.read(bootstrap, topics["results_topic"], topics["dead_letter_topic"], 10**9, 3.0).lost(
-                producer.sent
-            )
+            return not Tally.read(bootstrap, topics["results_topic"], topics["dead_letter_topic"]).lost(producer.sent)
 
         assert wait_for(settled, 360, poll_s=2.0), job.log()[-3000:]
         tally = wait_until_answered(bootstrap, topics, producer.sent, timeout_s=30)

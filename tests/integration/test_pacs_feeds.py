@@ -73,8 +73,7 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, log: Ca
 
 def announced(kafka_broker: Any, topic: str, at_least: int = 0, timeout_s: float = 2.0) -> list[tuple[str, dict]]:
     """(key, reference) of every message on `topic`, once there are `at_least` (or the time is up)."""
-    n = at_least or 10**6
-    records = read_records(kafka_broker.bootstrap_servers, [topic], n, timeout_s)
+    records = read_records(kafka_broker.bootstrap_servers, [topic], at_least or None, timeout_s)
     return [(r.key.decode(), json.loads(r.value)) for r in records]
 
 

@@ -154,8 +154,7 @@ def refused(port: int, calling: str = MODALITY, called: str = OUR_AET) -> tuple[
 
 
 def references(bootstrap: str, topic: str, at_least: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    n = at_least if at_least else 10**6
-    records = read_records(bootstrap, [topic], n, timeout_s if at_least else 3.0)
+    records = read_records(bootstrap, [topic], at_least or None, timeout_s)
     return [json.loads(r.value) | {"_key": r.key.decode() if r.key else None} for r in records]
 
 
