@@ -64,7 +64,7 @@ demo: install
 	$(BIN)/cxr demo
 
 test: install k8s-tools
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 test-unit: install
 	$(BIN)/pytest tests/unit

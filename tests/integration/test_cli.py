@@ -8,15 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from probes import http_get, http_status
 from streaming.broker import free_port
-from streaming.contracts import Reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,15 +33,6 @@ def kafka_env(kafka_broker, topics: dict[str, str]) -> dict[str, str]:
         "CXR_KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
         **{f"CXR_{name.upper()}": topic for name, topic in topics.items()},
     }
-
-
-def wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_produce_folder_publishes_existing_and_new_images(kafka_broker, topics, consume, sample_jpegs, tmp_path):
@@ -71,60 +58,6 @@ def test_produce_folder_publishes_existing_and_new_images(kafka_broker, topics, 
     )
     assert all(r["schema"] == "cxr.reference/v1" and r["sent_at"].endswith("Z") for r in refs)
     assert len({r["event_id"] for r in refs}) == 3
-
-
-def test_run_scores_until_sigterm_and_exits_cleanly(kafka_broker, topics, produce, consume, sample_jpegs, tmp_path):
-    """`cxr run` with the Spark UI on: our metrics and health, and Spark's own Prometheus endpoints."""
-    port, ui_port = free_port(), free_port()
-    env = {
-        **kafka_env(kafka_broker, topics),
-        "CXR_ALLOWED_ROOTS": str(sample_jpegs[0].parent),
-        "CXR_CHECKPOINT_DIR": str(tmp_path / "checkpoint"),
-        "CXR_METRICS_PORT": str(port),
-        "CXR_SPARK_MASTER": "local[2]",
-        "CXR_SPARK_DRIVER_MEMORY": "1g",
-        "CXR_SPARK_UI": "true",
-        "CXR_SPARK_CONF": json.dumps({"spark.ui.port": str(ui_port)}),
-    }
-    proc = cxr("run", env=env)
-    try:
-        refs = [Reference(event_id=str(uuid.uuid4()), uri=p.as_uri()) for p in sample_jpegs[:2]]
-        produce(topics["input_topic"], [r.to_json() for r in refs])
-        results = consume([topics["results_topic"]], 2, timeout_s=240)
-        assert {json.loads(r.value)["event_id"] for r in results} == {r.event_id for r in refs}
-        assert wait_for(lambda: http_status(f"http://127.0.0.1:{port}/readyz") == 200, 60)
-        assert http_status(f"http://127.0.0.1:{port}/healthz") == 200
-        # Spark's native endpoints: the servlet sink (with the streaming query's gauges) and executors.
-        status, text = http_get(f"http://127.0.0.1:{ui_port}/metrics/prometheus/")
-        assert status == 200 and "cxr-scoring" in text.replace("_", "-")
-        assert "spark-streaming" in text.replace("_", "-")
-        status, text = http_get(f"http://127.0.0.1:{ui_port}/metrics/executors/prometheus")
-        assert status == 200 and "metrics_executor_" in text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output[-3000:]
-
-
-def test_run_exits_non_zero_when_the_query_fails(kafka_broker, topics, produce, sample_jpegs, tmp_path):
-    env = {
-        **kafka_env(kafka_broker, topics),
-        "CXR_RESULTS_TOPIC": f"missing.{uuid.uuid4().hex[:8]}",  # not created; the broker does not auto-create
-        "CXR_KAFKA__MAX_BLOCK_MS": "3000",
-        "CXR_ALLOWED_ROOTS": str(sample_jpegs[0].parent),
-        "CXR_CHECKPOINT_DIR": str(tmp_path / "checkpoint"),
-        "CXR_METRICS_PORT": str(free_port()),
-        "CXR_SPARK_MASTER": "local[1]",
-        "CXR_SPARK_DRIVER_MEMORY": "1g",
-    }
-    produce(topics["input_topic"], [Reference(event_id="e1", uri=sample_jpegs[0].as_uri()).to_json()])
-    proc = cxr("run", env=env)
-    try:
-        output = proc.communicate(timeout=300)[0]
-    finally:
-        proc.kill()
-    assert proc.returncode == 1, output[-3000:]
-    assert "the scoring query failed" in output
 
 
 def test_run_with_a_gpu_configured_but_not_found_exits_2_at_warm_up(tmp_path):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from probes import http_get, wait_for
+from probes import http_get, http_status, wait_for
 from spark_cluster import EXECUTOR_CLASS, SparkCluster, free_port, process_tree
 from streaming.bundle import ModelRef, read_descriptor, resolve_model_path
 from streaming.contracts import Reference
@@ -103,7 +103,7 @@ def test_scores_in_the_workers_like_local_mode_and_survives_a_killed_executor(
 ) -> None:
     bootstrap = kafka_broker.bootstrap_servers
     bundle = bundle_copy(tmp_path / "bundle")
-    ui_port = free_port()
+    ui_port, metrics_port = free_port(), free_port()
     env = job_env(
         bootstrap,
         topics,
@@ -113,6 +113,7 @@ def test_scores_in_the_workers_like_local_mode_and_survives_a_killed_executor(
         CXR_SPARK_UI="true",
         CXR_SPARK_CONF=json.dumps({"spark.ui.port": str(ui_port), "spark.executor.memory": "1g"}),
         SPARK_LOCAL_IP="127.0.0.1",
+        CXR_METRICS_PORT=str(metrics_port),
     )
     del env["CXR_SPARK_MASTER"]  # the flag below, as a user would give it
     job = JobProcess(env, tmp_path / "job.log", args=("--master", spark_cluster.url)).start()
@@ -147,6 +148,15 @@ def test_scores_in_the_workers_like_local_mode_and_survives_a_killed_executor(
             executor_commands = [c for c in commands if EXECUTOR_CLASS in c]
             assert executor_commands and not any("jvm/lib" in c for c in executor_commands), executor_commands
         cluster_scores = result_scores(bootstrap, topics["results_topic"])
+        # Health as Kubernetes probes it, and Spark's own Prometheus endpoints: the servlet sink (with the
+        # streaming query's gauges) and the executors' metrics, reported from the workers.
+        assert http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 200, context()
+        assert http_status(f"http://127.0.0.1:{metrics_port}/healthz") == 200
+        status, text = http_get(f"http://127.0.0.1:{ui_port}/metrics/prometheus/")
+        names = text.replace("_", "-")
+        assert status == 200 and "cxr-scoring" in names and "spark-streaming" in names
+        status, text = http_get(f"http://127.0.0.1:{ui_port}/metrics/executors/prometheus")
+        assert status == 200 and "metrics_executor_" in text
 
         # 2. The bundle is gone from disk; 120 more references; one executor JVM killed in the middle of them.
         shutil.rmtree(bundle)
@@ -171,13 +181,14 @@ def test_scores_in_the_workers_like_local_mode_and_survives_a_killed_executor(
         assert job.running, context()
         dead = [e for e in rest.executors(app_id, every=True) if not e["isActive"]]
     finally:
-        job.stop()
+        code = job.stop()
     failed = sum(e["failedTasks"] for e in dead)
     print(f"\n[cluster] executor JVM {killed} killed ({failed} task(s) lost with it): {tally.summary(sent)}")
     assert not tally.lost(sent), context()
     assert not tally.dead_letters, list(tally.dead_letters.values())[:3]
     assert tally.duplicates <= 2 * BATCH
     assert [e["id"] for e in dead] and {e["id"] for e in dead} <= before
+    assert code == 0, context()  # SIGTERM: stopped between micro-batches, exit 0
 
     # The same sixteen references, scored by local mode's scorer: the same scores.
     expected = local_scores(samples, sample_jpegs[0].parent)
