@@ -173,7 +173,7 @@ def test_workers_killed_mid_batch_and_a_message_that_kills_its_worker_cost_only_
     bootstrap = kafka_broker.bootstrap_servers
     poison = roots["special"] / f"{faults.CRASH}.jpeg"
     shutil.copy(sample_jpegs[0], poison)
-    batch = 8  # small micro-batches: halving finds the poison in 3 crashes, each a new worker loading the model
+    batch = 8  # small micro-batches: halving finds the poison in 4 crashes (8, 4, 2, 1), each a new worker
     env = job_env(
         bootstrap,
         topics,
