@@ -25,8 +25,9 @@ from streaming.backoff import Backoff
 from streaming.broker import free_port
 from streaming.contracts import Reference, Source, build_dead_letter, build_result, dumps
 from streaming.errors import ErrorCode, FetchError
+from streaming.positions import plan_seeks, short_error, starts_from_now
 from streaming.settings import Settings
-from worklist.consumer import ResultsConsumer, convert, plan_seeks, short_error, starts_from_now
+from worklist.consumer import ResultsConsumer, convert
 from worklist.events import DeadLetter, ImageEvent, Kind, NormalLabels
 from worklist.store import WorklistStore
 
@@ -115,23 +116,25 @@ def test_a_message_from_another_topic_is_unreadable() -> None:
 
 def test_partitions_resume_at_the_stored_offset_else_at_the_beginning() -> None:
     parts = [TopicPartition("r", 0), TopicPartition("r", 1), TopicPartition("d", 0)]
-    plan = plan_seeks(parts, {("r", 0): 42, ("x", 0): 3})
+    plan = plan_seeks(parts, {("r", 0): 42, ("x", 0): 3}, reader="the worklist")
     assert plan.seeks == {TopicPartition("d", 0): 0, TopicPartition("r", 0): 42, TopicPartition("r", 1): 0}
     assert (plan.resumed, plan.from_beginning, plan.from_end) == (1, 2, 0)
     assert plan.store == {} and plan.warnings == []
     # with the broker's answers: inside the log resumes there; no offset starts at the log's start
     ends = {tp: 100 for tp in parts}
-    plan = plan_seeks(parts, {("r", 0): 42}, {tp: 10 for tp in parts}, ends)
+    plan = plan_seeks(parts, {("r", 0): 42}, {tp: 10 for tp in parts}, ends, reader="the worklist")
     assert plan.seeks == {TopicPartition("d", 0): 10, TopicPartition("r", 0): 42, TopicPartition("r", 1): 10}
     assert plan.store == {} and plan.warnings == []
-    at_the_edges = plan_seeks(parts[:2], {("r", 0): 10, ("r", 1): 100}, {tp: 10 for tp in parts}, ends)
+    at_the_edges = plan_seeks(
+        parts[:2], {("r", 0): 10, ("r", 1): 100}, {tp: 10 for tp in parts}, ends, reader="the worklist"
+    )
     assert at_the_edges.seeks == {TopicPartition("r", 0): 10, TopicPartition("r", 1): 100}
     assert at_the_edges.warnings == [] and at_the_edges.resumed == 2
 
 
 def test_an_offset_that_retention_deleted_resumes_at_the_log_start_and_says_how_much_was_lost() -> None:
     tp = TopicPartition("r", 3)
-    plan = plan_seeks([tp], {("r", 3): 40}, {tp: 100}, {tp: 250})
+    plan = plan_seeks([tp], {("r", 3): 40}, {tp: 100}, {tp: 250}, reader="the worklist")
     assert plan.seeks == {tp: 100} and plan.store == {("r", 3): 100}
     [warning] = plan.warnings
     assert "r/3" in warning and "60 message(s)" in warning and "retention" in warning and "100" in warning
@@ -139,7 +142,7 @@ def test_an_offset_that_retention_deleted_resumes_at_the_log_start_and_says_how_
 
 def test_an_offset_past_the_log_end_means_a_recreated_topic_read_from_its_beginning() -> None:
     tp = TopicPartition("d", 0)
-    plan = plan_seeks([tp], {("d", 0): 5000}, {tp: 0}, {tp: 12})
+    plan = plan_seeks([tp], {("d", 0): 5000}, {tp: 0}, {tp: 12}, reader="the worklist")
     assert plan.seeks == {tp: 0} and plan.store == {("d", 0): 0}
     [warning] = plan.warnings
     assert "d/0" in warning and "looks recreated" in warning and "5000" in warning
@@ -147,17 +150,33 @@ def test_an_offset_past_the_log_end_means_a_recreated_topic_read_from_its_beginn
 
 def test_a_first_start_from_now_begins_at_the_end_and_stores_it() -> None:
     parts = [TopicPartition("r", 0), TopicPartition("i", 0)]
-    plan = plan_seeks(parts, {}, {tp: 3 for tp in parts}, {TopicPartition("r", 0): 900, TopicPartition("i", 0): 0})
+    plan = plan_seeks(
+        parts,
+        {},
+        {tp: 3 for tp in parts},
+        {TopicPartition("r", 0): 900, TopicPartition("i", 0): 0},
+        reader="the worklist",
+    )
     assert plan.seeks == {TopicPartition("r", 0): 3, TopicPartition("i", 0): 3}  # not from now: the beginning
     plan = plan_seeks(
-        parts, {}, {tp: 3 for tp in parts}, {TopicPartition("r", 0): 900, TopicPartition("i", 0): 3}, from_now=True
+        parts,
+        {},
+        {tp: 3 for tp in parts},
+        {TopicPartition("r", 0): 900, TopicPartition("i", 0): 3},
+        from_now=True,
+        reader="the worklist",
     )
     assert plan.seeks == {TopicPartition("r", 0): 900, TopicPartition("i", 0): 3}
     assert plan.store == {("r", 0): 900, ("i", 0): 3}  # a restart resumes there, not at the beginning
     assert (plan.from_end, plan.from_beginning) == (2, 0)
     # a partition with a stored offset is resumed even from now
     plan = plan_seeks(
-        parts, {("r", 0): 7}, {}, {TopicPartition("r", 0): 900, TopicPartition("i", 0): 50}, from_now=True
+        parts,
+        {("r", 0): 7},
+        {},
+        {TopicPartition("r", 0): 900, TopicPartition("i", 0): 50},
+        from_now=True,
+        reader="the worklist",
     )
     assert plan.seeks == {TopicPartition("r", 0): 7, TopicPartition("i", 0): 50}
 
