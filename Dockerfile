@@ -102,7 +102,8 @@ WORKDIR /opt/cxr/work
 USER ${SPARK_UID}
 # 9108: metrics, /healthz and /readyz of `cxr run` (CXR_METRICS_PORT). 4040: Spark UI and its Prometheus servlet.
 # 9109: the same of `cxr produce orthanc|dicomweb|scp` as k8s/ runs them (CXR_FEED_METRICS_PORT; off unless set).
+# 9110: the same of `cxr export fhir|sr` as k8s/ runs them (CXR_EXPORT_METRICS_PORT; off unless set).
 # 8080: `cxr worklist`. 11112: `cxr produce scp` (DICOM).
-EXPOSE 9108 4040 9109 8080 11112
+EXPOSE 9108 4040 9109 9110 8080 11112
 ENTRYPOINT ["/opt/entrypoint.sh"]
 CMD ["cxr", "--help"]

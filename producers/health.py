@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from streaming.metrics import HealthServer
+from streaming.metrics import HealthPortError, serving_health
 from streaming.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class FeedHealthError(RuntimeError):
-    """The health port cannot be served (in use, privileged): a configuration to fix, exit code 2."""
+class FeedHealthError(HealthPortError):
+    """The feed's health port cannot be served: exit code 2."""
 
 
 class FeedStatus(Collector):
@@ -119,21 +119,14 @@ def feed_health(settings: Settings, feed: str) -> Iterator[FeedStatus]:
 
     Raises `FeedHealthError` when the port cannot be bound, before the feed contacts anyone."""
     status = FeedStatus.for_settings(settings, feed)
-    port = settings.feed_metrics_port
-    if port is None:
-        yield status
-        return
     registry = CollectorRegistry(auto_describe=False)
     registry.register(status)
-    try:
-        server = HealthServer(registry, status.readiness, settings.metrics_host, port).start()
-    except OSError as exc:
-        raise FeedHealthError(
-            f"cannot serve the feed's metrics and health on {settings.metrics_host}:{port} "
-            f"(CXR_FEED_METRICS_PORT): {exc.strerror or exc}"
-        ) from None
-    log.info("metrics and health on http://%s:%d/metrics, /healthz, /readyz", settings.metrics_host, server.port)
-    try:
+    with serving_health(
+        registry,
+        status.readiness,
+        settings.metrics_host,
+        settings.feed_metrics_port,
+        "CXR_FEED_METRICS_PORT",
+        FeedHealthError,
+    ):
         yield status
-    finally:
-        server.stop()

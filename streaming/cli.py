@@ -101,13 +101,24 @@ class StopSignal:
 stop = StopSignal()
 
 
+def broker_topics(settings: Settings) -> list[str]:
+    """What `cxr broker` creates: the job's three topics and the exporters' two."""
+    return [
+        settings.input_topic,
+        settings.results_topic,
+        settings.dead_letter_topic,
+        settings.fhir_topic,
+        settings.export_dead_letter_topic,
+    ]
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from streaming.broker import EmbeddedBroker, default_partitions
 
     if args.nodes > 1:
         return _broker_cluster(args)
     settings = load_settings(args)
-    topics = [settings.input_topic, settings.results_topic, settings.dead_letter_topic]
+    topics = broker_topics(settings)
     broker = EmbeddedBroker(settings.jvm_lib_dir, port=args.port or None, workdir=args.data_dir)
     try:
         broker.start()
@@ -143,7 +154,7 @@ def _broker_cluster(args: argparse.Namespace) -> int:
     from streaming.broker import KafkaCluster, default_partitions, replication
 
     settings = load_settings(args)
-    topics = [settings.input_topic, settings.results_topic, settings.dead_letter_topic]
+    topics = broker_topics(settings)
     cluster = KafkaCluster(settings.jvm_lib_dir, args.nodes, port=args.port or None, workdir=args.data_dir)
     try:
         cluster.start()
@@ -529,6 +540,23 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         service.stop()
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from exporters.service import run_export
+
+    settings = load_settings(
+        args,
+        fhir_server_url=getattr(args, "server", None),
+        sr_stow_url=getattr(args, "stow", None),
+        sr_cstore=getattr(args, "cstore", None),
+        sr_output_dir=getattr(args, "out", None),
+        export_metrics_port=args.export_metrics_port,
+        export_start="latest" if args.from_now else None,
+        state_dir=args.state_dir,
+    )
+    run_export(args.exporter, settings, stop.event)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streaming.demo import run_demo
 
@@ -694,6 +722,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_arguments(simulate)
     simulate.set_defaults(port=None, db=None, host=None)
 
+    export = sub.add_parser("export", help="publish results in the hospital's standards: FHIR R4, DICOM SR")
+    exporters = export.add_subparsers(dest="exporter", required=True)
+    fhir = exporters.add_parser("fhir", help="a FHIR R4 transaction Bundle per result, to CXR_FHIR_TOPIC and a server")
+    fhir.add_argument(
+        "--server", help="also POST each bundle to this FHIR R4 base URL (CXR_FHIR_SERVER_URL; CXR_FHIR_TOKEN ...)"
+    )
+    sr = exporters.add_parser("sr", help="a DICOM Structured Report per scored DICOM instance, back to the PACS")
+    sr.add_argument("--stow", help="STOW-RS to this DICOMweb service root, e.g. http://orthanc:8042/dicom-web")
+    sr.add_argument("--cstore", help="C-STORE to AET@HOST:PORT (calling AE CXR_SR_CALLING_AE_TITLE)")
+    sr.add_argument("--out", type=Path, help="write each SR as a DICOM file into this folder")
+    for parser_ in (fhir, sr):
+        _common(parser_)
+        _kafka(parser_)
+        parser_.add_argument("--results-topic", dest="results_topic")
+        parser_.add_argument("--model-bundle", type=Path, dest="model_bundle", help="the thresholds' bundle")
+        parser_.add_argument("--state-dir", type=Path, help="where the cursor is kept (CXR_STATE_DIR)")
+        parser_.add_argument(
+            "--metrics-port", type=int, dest="export_metrics_port", help="/metrics, /healthz, /readyz on this port"
+        )
+        parser_.add_argument(
+            "--from-now",
+            action="store_true",
+            help="on a first start (no cursor yet), export only results that arrive from now on (CXR_EXPORT_START)",
+        )
+        parser_.set_defaults(func=cmd_export)
+
     produce = sub.add_parser("produce", help="publish references to the input topic")
     feeds = produce.add_subparsers(dest="feed", required=True)
     folder = feeds.add_parser("folder", help="one reference per PNG/JPEG/DICOM file in a folder")
@@ -753,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop.install()
     from pydantic import ValidationError
 
-    from producers.health import FeedHealthError
+    from exporters.service import ExportConfigError
     from producers.pacs import PacsError
     from producers.scp import ScpConfigError
     from producers.state import StateError
@@ -762,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streaming.device import DeviceError
     from streaming.embedded_pacs import PacsSetupError
     from streaming.jvm import JvmSetupError
+    from streaming.metrics import HealthPortError
     from worklist.store import StoreError
 
     try:
@@ -772,7 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         BundleError,
         CheckpointError,
         DeviceError,
-        FeedHealthError,
+        ExportConfigError,
+        HealthPortError,
         JvmSetupError,
         PacsError,
         PacsSetupError,

@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 _NOISY = ("kafka", "py4j", "tensorflow", "absl", "urllib3")
-#: Libraries whose warnings quote what they read: DICOM header values, which may be UIDs, names, accessions.
-_QUOTE_HEADERS = ("pydicom",)
+#: Libraries whose warnings quote what they read: DICOM header values, which may be UIDs, names, accessions
+#: (highdicom copies the patient module into each SR; dicomweb-client logs the URLs it requests).
+_QUOTE_HEADERS = ("pydicom", "highdicom", "dicomweb_client")
 
 
 def configure(level: str = "INFO") -> None:

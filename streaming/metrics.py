@@ -14,9 +14,11 @@ processed, which then exceeds references received by the size of the replayed ba
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Self
@@ -27,6 +29,8 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from streaming.errors import KNOWN_FAILURES
+
+log = logging.getLogger("cxr.metrics")
 
 if TYPE_CHECKING:
     from pyspark.sql import Column
@@ -329,6 +333,35 @@ class HealthServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class HealthPortError(RuntimeError):
+    """The health port cannot be served (in use, privileged): a configuration to fix, exit code 2."""
+
+
+@contextmanager
+def serving_health(
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    host: str,
+    port: int | None,
+    setting: str,
+    error: type[HealthPortError] = HealthPortError,
+) -> Iterator[int | None]:
+    """`/metrics`, `/healthz` and `/readyz` on `host:port` while the block runs (the bound port), or nothing when
+    `port` is None. Raises `error` naming `setting` when the port cannot be bound, before anyone is contacted."""
+    if port is None:
+        yield None
+        return
+    try:
+        server = HealthServer(registry, readiness, host, port).start()
+    except OSError as exc:
+        raise error(f"cannot serve metrics and health on {host}:{port} ({setting}): {exc.strerror or exc}") from None
+    log.info("metrics and health on http://%s:%d/metrics, /healthz, /readyz", host, server.port)
+    try:
+        yield server.port
+    finally:
+        server.stop()
 
 
 class MetricsServer(HealthServer):

@@ -76,6 +76,15 @@ def basic_authorization(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
 
+def _authorization(token: SecretStr | None, username: str | None, password: SecretStr | None) -> str | None:
+    """A bearer token, else HTTP basic, else none: one rule for every server we send credentials to."""
+    if token is not None:
+        return f"Bearer {token.get_secret_value()}"
+    if username is not None:
+        return basic_authorization(username, password.get_secret_value() if password else "")
+    return None
+
+
 _JAAS_OPTION = re.compile(r'(\w+)\s*=\s*"((?:[^"\\]|\\.)*)"')
 #: Java client settings whose kafka-python spelling is not just dots → underscores.
 _RENAMED = {
@@ -266,6 +275,33 @@ class Settings(BaseSettings):
     #: Partitions added later, and every later start, read on from where the file says either way.
     worklist_start: Literal["earliest", "latest"] = "earliest"
 
+    # Exporters (`cxr export fhir|sr`): consumers of the results topic
+    #: FHIR R4 transaction bundles, one per result (`cxr export fhir`); replays carry the same resource ids.
+    fhir_topic: str = "cxr.fhir"
+    #: Results that cannot be exported, with their reason (not the scoring dead-letter topic: the image was scored).
+    export_dead_letter_topic: str = "cxr.export-dead-letter"
+    #: `cxr export fhir --server`: each bundle is also POSTed (a FHIR transaction) to this FHIR R4 base URL,
+    #: with a bearer token or HTTP basic credentials.
+    fhir_server_url: str | None = None
+    fhir_token: SecretStr | None = None
+    fhir_username: str | None = None
+    fhir_password: SecretStr | None = None
+    #: `cxr export sr`: where the reports go, any of: STOW-RS to a DICOMweb service root (`--stow`, credentials
+    #: as for DICOMweb), C-STORE to `AET@host:port` (`--cstore`), files in a folder (`--out`).
+    sr_stow_url: str | None = None
+    sr_cstore: str | None = None
+    sr_output_dir: Path | None = None
+    sr_calling_ae_title: str = Field(default="CXR_STREAM", min_length=1, max_length=16)
+    #: One delivery attempt (an HTTP request, a DICOM association, a Kafka acknowledgement) ends within this.
+    export_timeout_s: float = Field(default=30.0, gt=0)
+    #: A destination that is away is retried for as long as it takes, waiting at most this long between tries.
+    export_retry_max_s: float = Field(default=60.0, gt=0)
+    #: `/metrics`, `/healthz`, `/readyz` of an exporter (9110 in the Kubernetes manifests); unset, none, so that
+    #: several exporters and the job can run on one machine.
+    export_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Where a first start (no cursor yet) begins: everything the results topic holds, or only new results.
+    export_start: Literal["earliest", "latest"] = "earliest"
+
     # Observability
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
@@ -352,12 +388,11 @@ class Settings(BaseSettings):
 
     def dicomweb_authorization(self) -> str | None:
         """The HTTP `Authorization` value for DICOMweb and PACS requests: the bearer token, else HTTP basic."""
-        if self.dicomweb_token is not None:
-            return f"Bearer {self.dicomweb_token.get_secret_value()}"
-        if self.dicomweb_username is not None:
-            password = self.dicomweb_password.get_secret_value() if self.dicomweb_password else ""
-            return basic_authorization(self.dicomweb_username, password)
-        return None
+        return _authorization(self.dicomweb_token, self.dicomweb_username, self.dicomweb_password)
+
+    def fhir_authorization(self) -> str | None:
+        """The `Authorization` header for the FHIR server: a bearer token, else HTTP basic, else none."""
+        return _authorization(self.fhir_token, self.fhir_username, self.fhir_password)
 
     def worklist_authorization(self) -> str | None:
         """The `Authorization` value the worklist expects, when it is protected by a password."""

@@ -206,6 +206,7 @@ def _scores(body: Mapping[str, Any]) -> dict[str, float]:
         if (
             not isinstance(label, str)
             or len(label) > _MAX_TEXT
+            or not encodable(label)
             or isinstance(value, bool)
             or not isinstance(value, int | float)
             or not math.isfinite(value)

@@ -42,7 +42,7 @@ OVERLAYS = K8S / "overlays"
 DOCKERFILE = ROOT / "Dockerfile"
 IMAGE_SCRIPTS = K8S / "image"
 #: The code whose settings and metrics the manifests must agree with.
-PACKAGES = ("streaming", "producers", "worklist")
+PACKAGES = ("streaming", "producers", "worklist", "training", "exporters")
 
 #: The Kubernetes release every built-in object must be valid for (kubernetes-validate's bundled OpenAPI
 #: schemas, strict: unknown fields are errors). The oldest minor still supported upstream when this was
@@ -745,6 +745,125 @@ def _pod_problems(pod: PodTemplate, configmaps: set[tuple[Any, Any]], accounts: 
     return problems
 
 
+# Long-running workloads -----------------------------------------------------------------------------------
+
+#: Kinds whose pods run until stopped (Jobs and CronJobs run to completion: no probes expected).
+_LONG_RUNNING = ("Deployment", "StatefulSet", "DaemonSet")
+_SINGLE_WRITER_MODES = {"ReadWriteOnce", "ReadWriteOncePod"}
+
+
+def workload_problems(objects: Sequence[Mapping[str, Any]], image: str = "cxr-stream") -> list[str]:
+    """What the API server accepts but what breaks a long-running pod of our image (the worklist, the feeds,
+    the exporters), each one a mistake a new Deployment copied from another is likely to make:
+
+    - a container without a liveness or a readiness probe: a hung process is never restarted, a rollout does
+      not wait for the new pod;
+    - a Deployment that mounts a ReadWriteOnce claim writable (a cursor, a database) with more than one
+      replica or without `strategy: Recreate`: two pods would share one state file, or the new pod waits for a
+      volume the old one still holds;
+    - a container port that no NetworkPolicy selecting the pod admits (where policies restrict its ingress):
+      Prometheus, probes' peers and clients are cut off by the namespace's default deny."""
+    problems: list[str] = []
+    claims = {
+        (o["metadata"].get("namespace"), o["metadata"]["name"]): set((o.get("spec") or {}).get("accessModes") or [])
+        for o in objects
+        if o.get("kind") == "PersistentVolumeClaim"
+    }
+    policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
+    for obj in objects:
+        kind = obj.get("kind")
+        if kind not in _LONG_RUNNING:
+            continue
+        template: Any = obj
+        for key in _WORKLOAD_TEMPLATES[str(kind)]:
+            template = (template or {}).get(key)
+        pod = (template or {}).get("spec") or {}
+        ours = [c for c in pod.get("containers") or [] if image in str(c.get("image", ""))]
+        if not ours:
+            continue
+        where = name_of(obj)
+        for container in ours:
+            missing = [p for p in ("livenessProbe", "readinessProbe") if not container.get(p)]
+            problems += [f"{where} container {container.get('name')}: no {p}" for p in missing]
+        if kind == "Deployment":
+            problems += _single_writer_problems(obj, pod, claims)
+        labels = ((template or {}).get("metadata") or {}).get("labels") or {}
+        namespace = (obj.get("metadata") or {}).get("namespace")
+        problems += _ingress_problems(where, namespace, labels, ours, policies)
+    return problems
+
+
+def _single_writer_problems(
+    deployment: Mapping[str, Any], pod: Mapping[str, Any], claims: Mapping[tuple[Any, Any], set[str]]
+) -> list[str]:
+    namespace = (deployment.get("metadata") or {}).get("namespace")
+    writable = {
+        m.get("name") for c in pod.get("containers") or [] for m in c.get("volumeMounts") or [] if not m.get("readOnly")
+    }
+    spec = deployment.get("spec") or {}
+    replicas = spec.get("replicas", 1)
+    strategy = (spec.get("strategy") or {}).get("type", "RollingUpdate")
+    problems = []
+    for volume in pod.get("volumes") or []:
+        claim = volume.get("persistentVolumeClaim")
+        if not claim or claim.get("readOnly") or volume.get("name") not in writable:
+            continue
+        modes = claims.get((namespace, claim.get("claimName")))
+        if modes and modes <= _SINGLE_WRITER_MODES and (replicas > 1 or strategy != "Recreate"):
+            problems.append(
+                f"{name_of(deployment)}: mounts ReadWriteOnce claim {claim.get('claimName')!r} writable with"
+                f" {replicas} replica(s) and strategy {strategy}: one replica and `Recreate` (one writer, and the"
+                " old pod lets go of the volume before the new one mounts it)"
+            )
+    return problems
+
+
+def _ingress_problems(
+    where: str,
+    namespace: Any,
+    labels: Mapping[str, str],
+    containers: Sequence[Mapping[str, Any]],
+    policies: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    selecting = [
+        p
+        for p in policies
+        if (p.get("metadata") or {}).get("namespace") == namespace
+        and "Ingress" in ((p.get("spec") or {}).get("policyTypes") or ["Ingress"])
+        and selector_matches((p.get("spec") or {}).get("podSelector") or {}, labels)
+    ]
+    if not selecting:
+        return []  # nothing restricts its ingress
+    rules = [r for p in selecting for r in (p.get("spec") or {}).get("ingress") or []]
+    problems = []
+    for container in containers:
+        for port in container.get("ports") or []:
+            if not any(_rule_admits(rule, port) for rule in rules):
+                problems.append(
+                    f"{where} container {container.get('name')}: port {port.get('name') or ''}"
+                    f" {port.get('containerPort')}/{port.get('protocol', 'TCP')} is admitted by no NetworkPolicy"
+                    " ingress rule"
+                )
+    return problems
+
+
+def _rule_admits(rule: Mapping[str, Any], port: Mapping[str, Any]) -> bool:
+    """Whether an ingress rule's `ports` admit a container port (no `ports`: every port)."""
+    entries = rule.get("ports") or []
+    if not entries:
+        return True
+    number, name, protocol = port.get("containerPort"), port.get("name"), port.get("protocol", "TCP")
+    for entry in entries:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        wanted = entry.get("port")
+        if wanted is None or wanted == name:
+            return True
+        if isinstance(wanted, int) and isinstance(number, int) and wanted <= number <= entry.get("endPort", wanted):
+            return True
+    return False
+
+
 # Settings -------------------------------------------------------------------------------------------------
 
 
@@ -904,22 +1023,40 @@ def settings_problems(objects: Sequence[Mapping[str, Any]]) -> list[str]:
     return problems
 
 
+#: The topic settings (environment variable: Settings field) whose topics must exist: the job's three and the
+#: exporters' (`cxr export fhir` publishes to the FHIR topic; both exporters dead-letter to their own topic).
+TOPIC_SETTINGS = {
+    "CXR_INPUT_TOPIC": "input_topic",
+    "CXR_RESULTS_TOPIC": "results_topic",
+    "CXR_DEAD_LETTER_TOPIC": "dead_letter_topic",
+    "CXR_FHIR_TOPIC": "fhir_topic",
+    "CXR_EXPORT_DEAD_LETTER_TOPIC": "export_dead_letter_topic",
+}
+
+
 def topic_problems(objects: Sequence[Mapping[str, Any]], topics: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The topics the job is configured with (ConfigMap, else the code's defaults) exist as KafkaTopics, and
-    each KafkaTopic can take acks=all writes with one broker down (min.insync.replicas < replicas)."""
+    """The topics cxr-stream is configured with (TOPIC_SETTINGS: the ConfigMap's value, else the code's
+    default) exist as KafkaTopics, and each KafkaTopic can take acks=all writes with one broker down
+    (min.insync.replicas < replicas)."""
     problems = []
     names = {str((t.get("spec") or {}).get("topicName") or t["metadata"]["name"]) for t in topics}
-    fields = {"CXR_INPUT_TOPIC": "input_topic", "CXR_RESULTS_TOPIC": "results_topic",
-              "CXR_DEAD_LETTER_TOPIC": "dead_letter_topic"}  # fmt: skip
     from streaming.settings import Settings
 
     for obj in objects:
         if obj.get("kind") != "ConfigMap" or not any(k.startswith("CXR_") for k in obj.get("data") or {}):
             continue
-        for env, attr in fields.items():
+        for env, attr in TOPIC_SETTINGS.items():
             topic = (obj.get("data") or {}).get(env) or str(Settings.model_fields[attr].default)
             if topic not in names:
                 problems.append(f"{name_of(obj)}: {env}={topic} is not a KafkaTopic in k8s/ ({sorted(names)})")
+    for pod in pod_templates(objects):
+        for container in pod.containers:
+            for var in container.get("env") or []:
+                if var.get("name") in TOPIC_SETTINGS and "value" in var and str(var["value"]) not in names:
+                    problems.append(
+                        f"{pod.where} container {container.get('name')}: {var['name']}={var['value']} is not a"
+                        f" KafkaTopic in k8s/ ({sorted(names)})"
+                    )
     for topic in topics:
         spec = topic.get("spec") or {}
         isr = (spec.get("config") or {}).get("min.insync.replicas")

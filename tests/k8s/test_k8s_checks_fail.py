@@ -295,12 +295,22 @@ def test_settings_problems_in_configmaps_and_pods() -> None:
     assert "CXR_CHECKPOINT_DIRECTORY" in " ".join(checks.settings_problems([spark_env]))
 
 
+DEFAULT_TOPICS = ("cxr.references", "cxr.results", "cxr.dead-letter", "cxr.fhir", "cxr.export-dead-letter")
+
+
 def test_topics_must_exist_and_survive_a_broker() -> None:
     assert checks.topic_problems([_configmap({"CXR_RESULTS_TOPIC": "cxr.references"})], [TOPIC]) != []  # defaults
-    topics = [broken(TOPIC, "spec.topicName", n) for n in ("cxr.references", "cxr.results", "cxr.dead-letter")]
+    topics = [broken(TOPIC, "spec.topicName", n) for n in DEFAULT_TOPICS]
     assert checks.topic_problems([_configmap({"CXR_MODEL_BUNDLE": "/m"})], topics) == []
     renamed = _configmap({"CXR_INPUT_TOPIC": "cxr.refs"})
     assert "cxr.refs" in " ".join(checks.topic_problems([renamed], topics))
+    # The exporters' topics, by default and renamed, in a ConfigMap or in a pod's own environment.
+    without_fhir = [t for t in topics if t["spec"]["topicName"] != "cxr.fhir"]
+    assert "CXR_FHIR_TOPIC=cxr.fhir" in " ".join(checks.topic_problems([_configmap({"CXR_X": "1"})], without_fhir))
+    moved = _configmap({"CXR_EXPORT_DEAD_LETTER_TOPIC": "cxr.export-dlq"})
+    assert "cxr.export-dlq" in " ".join(checks.topic_problems([moved], topics))
+    pod_env = broken(DEPLOYMENT, "spec.template.spec.containers.0.env", [{"name": "CXR_FHIR_TOPIC", "value": "fhir"}])
+    assert "CXR_FHIR_TOPIC=fhir" in " ".join(checks.topic_problems([pod_env], topics))
     fragile = broken(TOPIC, "spec.config", {"min.insync.replicas": "3"})
     assert "min.insync.replicas" in " ".join(checks.topic_problems([], [fragile]))
 
@@ -379,6 +389,72 @@ def test_references_that_point_nowhere_fail(objects: list[dict[str, Any]], expec
 def test_scrape_jobs_are_the_monitored_services() -> None:
     objects = [DEPLOYMENT, _service({"app": "cxr-worklist"}), _monitor("http", {"app": "cxr-worklist"})]
     assert checks.scrape_jobs(objects) == {"cxr-worklist"}
+
+
+# Long-running workloads -----------------------------------------------------------------------------------
+
+_PROBES = {"httpGet": {"path": "/healthz", "port": "http"}}
+#: The worklist as it should be: probes, one replica and Recreate for its ReadWriteOnce database, and a policy
+#: that admits its port.
+WORKLOAD: dict[str, Any] = broken(
+    broken(
+        broken(DEPLOYMENT, "spec.template.spec.containers.0.livenessProbe", _PROBES),
+        "spec.template.spec.containers.0.readinessProbe",
+        _PROBES,
+    ),
+    "spec.strategy",
+    {"type": "Recreate"},
+)
+WORKLOAD["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [{"name": "db", "mountPath": "/data"}]
+WORKLOAD["spec"]["template"]["spec"]["volumes"] = [{"name": "db", "persistentVolumeClaim": {"claimName": "db"}}]
+CLAIM: dict[str, Any] = {
+    "apiVersion": "v1",
+    "kind": "PersistentVolumeClaim",
+    "metadata": {"name": "db", "namespace": "cxr"},
+    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+}
+DENY: dict[str, Any] = broken(_policy({}), "spec.podSelector", {})
+ADMIT: dict[str, Any] = broken(_policy({"app": "cxr-worklist"}), "spec.ingress", [{"ports": [{"port": 8080}]}])
+
+
+def test_long_running_workloads_that_are_right_pass() -> None:
+    assert checks.workload_problems([WORKLOAD, CLAIM, DENY, ADMIT]) == []
+    # No policy restricting ingress: nothing to admit. A port admitted by name, or by a rule without ports.
+    assert checks.workload_problems([WORKLOAD, CLAIM]) == []
+    by_name = broken(ADMIT, "spec.ingress", [{"ports": [{"port": "http", "protocol": "TCP"}]}])
+    assert checks.workload_problems([WORKLOAD, CLAIM, DENY, by_name]) == []
+    assert checks.workload_problems([WORKLOAD, CLAIM, DENY, broken(ADMIT, "spec.ingress", [{}])]) == []
+    ranged = broken(ADMIT, "spec.ingress", [{"ports": [{"port": 8000, "endPort": 8100}]}])
+    assert checks.workload_problems([WORKLOAD, CLAIM, DENY, ranged]) == []
+    # A shared (ReadWriteMany) claim, or one mounted read-only, may roll with replicas.
+    rolling = broken(broken(WORKLOAD, "spec.strategy", {"type": "RollingUpdate"}), "spec.replicas", 2)
+    assert checks.workload_problems([rolling, broken(CLAIM, "spec.accessModes", ["ReadWriteMany"])]) == []
+    read_only = broken(rolling, "spec.template.spec.containers.0.volumeMounts.0.readOnly", True)
+    assert checks.workload_problems([read_only, CLAIM]) == []
+    # Another image's containers are not ours to judge; Jobs run to completion without probes.
+    other = broken(DEPLOYMENT, "spec.template.spec.containers.0.image", "nginx:1.27")
+    assert checks.workload_problems([other, DENY]) == []
+    job = {**broken(DEPLOYMENT, "spec.strategy", None), "kind": "Job", "apiVersion": "batch/v1"}
+    assert checks.workload_problems([job]) == []
+
+
+@pytest.mark.parametrize(
+    ("objects", "expected"),
+    [
+        ([broken(WORKLOAD, "spec.template.spec.containers.0.livenessProbe", None), CLAIM], "no livenessProbe"),
+        ([broken(WORKLOAD, "spec.template.spec.containers.0.readinessProbe", None), CLAIM], "no readinessProbe"),
+        ([broken(WORKLOAD, "spec.strategy", {"type": "RollingUpdate"}), CLAIM], "strategy RollingUpdate"),
+        ([broken(WORKLOAD, "spec.strategy", None), CLAIM], "strategy RollingUpdate"),  # the default
+        ([broken(WORKLOAD, "spec.replicas", 2), CLAIM], "2 replica(s)"),
+        ([broken(WORKLOAD, "spec.replicas", 2), broken(CLAIM, "spec.accessModes", ["ReadWriteOncePod"])], "claim 'db'"),
+        ([WORKLOAD, CLAIM, DENY], "port http 8080/TCP is admitted by no NetworkPolicy"),
+        ([WORKLOAD, CLAIM, DENY, broken(ADMIT, "spec.ingress.0.ports.0.port", 9109)], "port http 8080/TCP"),
+        ([WORKLOAD, CLAIM, DENY, broken(ADMIT, "spec.ingress.0.ports.0.protocol", "UDP")], "port http 8080/TCP"),
+        ([WORKLOAD, CLAIM, DENY, broken(ADMIT, "metadata.namespace", "other")], "port http 8080/TCP"),
+    ],
+)
+def test_long_running_workloads_that_are_wrong_fail(objects: list[dict[str, Any]], expected: str) -> None:
+    assert expected in " ".join(checks.workload_problems(objects))
 
 
 # Files and kustomizations ---------------------------------------------------------------------------------

@@ -87,6 +87,19 @@ def test_selectors_and_references_resolve(directory: Path) -> None:
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=IDS)
+def test_long_running_workloads_have_probes_one_writer_and_open_ports(directory: Path) -> None:
+    """Every Deployment of the image (worklist, feeds, exporters): probes, one writer per ReadWriteOnce claim
+    (one replica, Recreate), and a NetworkPolicy ingress rule for each of its ports."""
+    objects = _render(directory)
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    assert {"worklist", "exporter"} <= {
+        d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") for d in deployments
+    }
+    problems = checks.workload_problems(objects)
+    assert problems == [], _report(problems)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=IDS)
 def test_settings_and_environment_are_known_to_the_code(directory: Path) -> None:
     objects = _render(directory)
     assert any(o["kind"] == "ConfigMap" and "CXR_MODEL_BUNDLE" in (o.get("data") or {}) for o in objects)
@@ -138,7 +151,7 @@ def test_paths_into_the_image_exist(directory: Path) -> None:
 def test_kafka_topics_cover_the_configured_topics(directory: Path) -> None:
     topics = [o for p in checks.SEPARATELY_APPLIED for o in checks.load_documents(checks.K8S / p)]
     topics = [t for t in topics if t.get("kind") == "KafkaTopic"]
-    assert len(topics) >= 3
+    assert len(topics) >= len(checks.TOPIC_SETTINGS)
     problems = checks.topic_problems(_render(directory), topics)
     assert problems == [], _report(problems)
 
