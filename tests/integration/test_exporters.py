@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from exporters.cursor import ExportCursor
 from exporters.metrics import ExportMetrics
 from exporters.runner import ExportRunner, KafkaOut
 from exporters.service import make_exporter
+from hostile_servers import MisbehavingServer, never_answers
 from orthanc_server import ChestDicom, OrthancServer, chest_xray_dicoms
 from probes import read_records, wait_for
 from producers.publish import ReferencePublisher
@@ -129,11 +132,12 @@ class Running:
         self.thread.join(60)
         assert not self.thread.is_alive(), "the exporter did not stop"
 
-    def count(self, outcome: str) -> float:
-        value = self.metrics.registry.get_sample_value(
-            "cxr_export_results_total", {"exporter": self.runner.exporter.name, "outcome": outcome}
-        )
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, {"exporter": self.runner.exporter.name, **labels})
         return value or 0.0
+
+    def count(self, outcome: str) -> float:
+        return self.sample("cxr_export_results_total", outcome=outcome)
 
 
 def _records(settings: Settings, topic: str, n: int | None = None, timeout_s: float = 120) -> list[Any]:
@@ -306,3 +310,184 @@ def test_cxr_export_stops_cleanly_on_sigterm_and_refuses_an_sr_export_with_nowhe
 
 def log_text(folder: Path) -> str:
     return (folder / "fhir.log").read_text(errors="replace")
+
+
+class FhirEndpoint(ThreadingHTTPServer):
+    """A FHIR server's transaction endpoint as far as the exporter can tell: it answers 503 while `down`, and
+    otherwise keeps each entry's resource under its `Type/id` (a transaction of PUTs is an upsert), so a
+    bundle delivered twice leaves one copy. No FHIR server can be installed here; the bundles themselves are
+    validated by fhir.resources in the tests above."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _FhirHandler)
+        self.down = True
+        self.posts: list[str] = []
+        self.stored: dict[str, dict[str, Any]] = {}
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/fhir"
+
+
+class _FhirHandler(BaseHTTPRequestHandler):
+    server: FhirEndpoint
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.server.down:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        bundle = json.loads(body)
+        self.server.posts.append(bundle["id"])
+        for entry in bundle["entry"]:
+            self.server.stored[entry["request"]["url"]] = entry["resource"]
+        answer = json.dumps({"resourceType": "Bundle", "type": "transaction-response"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/fhir+json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_fhir_server_that_is_away_holds_the_exports_back_and_then_receives_them_all(
+    scored: Scored, tmp_path: Path
+) -> None:
+    endpoint = FhirEndpoint()
+    endpoint.thread.start()
+    settings = scored.settings.model_copy(update={"state_dir": tmp_path / "state", "fhir_server_url": endpoint.url})
+    try:
+        with Running("fhir", settings) as running:
+            assert wait_for(lambda: running.sample("cxr_export_retrying") == 1, 30)
+            assert wait_for(lambda: running.sample("cxr_export_retries_total", error="unavailable") >= 3, 30)
+            assert running.count("exported") == 0 and running.count("dead_letter") == 0 and not endpoint.posts
+            endpoint.down = False
+            assert wait_for(lambda: running.count("exported") >= len(scored.results), 120)
+            assert wait_for(lambda: running.sample("cxr_export_retrying") == 0, 30)
+    finally:
+        endpoint.shutdown()
+        endpoint.server_close()
+    reports = [r for key, r in endpoint.stored.items() if key.startswith("DiagnosticReport/")]
+    assert len(reports) == len(scored.results)
+    studies = {r["imagingStudy"][0]["identifier"]["value"].removeprefix("urn:oid:") for r in reports}
+    assert studies == {r["study_uid"] for r in scored.results.values()}
+    assert len(set(endpoint.posts)) == len(scored.results)
+
+
+def test_a_destination_that_never_answers_is_retried_within_bounds_and_never_holds_a_stop(
+    scored: Scored, tmp_path: Path
+) -> None:
+    with MisbehavingServer(never_answers) as hostile:
+        settings = scored.settings.model_copy(
+            update={
+                "state_dir": tmp_path / "state",
+                "fhir_server_url": hostile.url("/fhir"),
+                "export_timeout_s": 2.0,
+            }
+        )
+        running = Running("fhir", settings)
+        with running:
+            assert wait_for(lambda: running.sample("cxr_export_retries_total", error="unavailable") >= 2, 30)
+            started = time.monotonic()
+            running.stop.set()
+            running.thread.join(30)
+            stopped_in = time.monotonic() - started
+        assert stopped_in < settings.export_timeout_s + 5, stopped_in
+        assert running.count("dead_letter") == 0
+    cursor = ExportCursor.open(
+        settings.state_dir, "fhir", f"{settings.results_topic} → {running.runner.exporter.destination}"
+    )
+    assert set(cursor.offsets.values()) == {0}, "the cursor passed a result that was never delivered"
+
+
+def test_a_killed_sr_exporter_resumes_and_every_study_ends_with_exactly_one_sr(
+    scored: Scored, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """SIGKILL at whatever moment it lands, then a restart on the same cursor: nothing lost, nothing twice."""
+    env = {
+        **os.environ,
+        "CXR_KAFKA_BOOTSTRAP_SERVERS": scored.settings.kafka_bootstrap_servers,
+        "CXR_RESULTS_TOPIC": scored.settings.results_topic,
+        "CXR_EXPORT_DEAD_LETTER_TOPIC": scored.settings.export_dead_letter_topic,
+        "CXR_STATE_DIR": str(tmp_path / "state"),
+        "CXR_DICOMWEB_ALLOWED_HOSTS": orthanc.host_port,
+        "CXR_DICOMWEB_USERNAME": orthanc.username,
+        "CXR_DICOMWEB_PASSWORD": orthanc.password,
+    }
+    out = tmp_path / "sr"
+    command = [
+        sys.executable,
+        "-m",
+        "streaming.cli",
+        "export",
+        "sr",
+        "--stow",
+        orthanc.dicomweb_root,
+        "--out",
+        str(out),
+    ]
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: len(list(out.glob("*.dcm"))) >= 3, 120), (tmp_path / "first.log").read_text()
+        finally:
+            first.kill()
+            first.wait(30)
+    with (tmp_path / "second.log").open("w") as log:
+        second = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: len(list(out.glob("*.dcm"))) >= len(scored.results), 120)
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(60) == 0
+        finally:
+            if second.poll() is None:
+                second.kill()
+    for dicom in scored.dicoms:
+        assert len(_study_instances(orthanc, dicom.study_uid)) == 2, "a study has no SR, or two"
+    text = (tmp_path / "second.log").read_text()
+    assert "(2 resumed from the cursor" in text and PATIENT_NAME not in text and PATIENT_ID not in text
+
+
+def test_results_that_point_anywhere_else_become_dead_letters_and_the_sr_exporter_goes_on(
+    scored: Scored, kafka_broker: Any, tmp_path: Path
+) -> None:
+    """A result is as hostile as a reference: its URI is read back only under the job's own rules."""
+    suffix = uuid.uuid4().hex[:8]
+    results, letters = f"test.results.hostile.{suffix}", f"test.export-dead-letter.hostile.{suffix}"
+    kafka_broker.create_topics([results, letters], partitions=1)
+    template = next(iter(scored.results.values()))
+    hostile = {
+        "file:///etc/passwd": "forbidden_uri",
+        "file:///dev/zero": "forbidden_uri",
+        "http://169.254.169.254/latest/meta-data": "forbidden_uri",
+        "gopher://pacs/1": "unsupported_uri",
+    }
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers)
+    for index, uri in enumerate(hostile):
+        body = {**template, "event_id": f"hostile-{index}", "uri": uri}
+        producer.send(results, value=json.dumps(body).encode())
+    producer.send(results, value=json.dumps({**template, "event_id": "jpeg", "sop_instance_uid": None}).encode())
+    producer.flush()
+    producer.close()
+    settings = scored.settings.model_copy(
+        update={
+            "results_topic": results,
+            "export_dead_letter_topic": letters,
+            "state_dir": tmp_path / "state",
+            "sr_output_dir": tmp_path / "sr",
+        }
+    )
+    with Running("sr", settings) as running:
+        bodies = [json.loads(r.value) for r in _records(settings, letters, len(hostile), timeout_s=60)]
+        assert wait_for(lambda: running.count("skipped") == 1, 30)
+    assert sorted(b["event_id"] for b in bodies) == sorted(f"hostile-{i}" for i in range(len(hostile)))
+    assert {b["error"] for b in bodies} == {"source_unreadable"}
+    for body in bodies:
+        uri = json.loads(body["payload"])["uri"]
+        assert f"({hostile[uri]})" in body["reason"], body["reason"]
+    assert not list((tmp_path / "sr").glob("*"))
