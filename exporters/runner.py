@@ -28,7 +28,14 @@ from exporters.metrics import ExportMetrics
 from producers.publish import RELIABLE_DEFAULTS
 from streaming.backoff import Backoff
 from streaming.contracts import dumps, now_utc, payload_fields, rfc3339
-from streaming.positions import closing_client_factory, plan_seeks, short_error, starts_from_now
+from streaming.positions import (
+    REFRESH_PARTITIONS_S,
+    new_consumer,
+    plan_seeks,
+    reader_config,
+    short_error,
+    starts_from_now,
+)
 from streaming.settings import Settings
 from worklist.events import ImageEvent, Unreadable, read_result
 
@@ -38,9 +45,8 @@ DEAD_LETTER_SCHEMA = "cxr.export-dead-letter/v1"
 POLL_TIMEOUT_MS = 500
 #: Few per poll: a slow destination must not leave a large fetched batch to rewind on every retry.
 MAX_POLL_RECORDS = 50
-#: How often the lag is measured (and the broker's presence checked), and new partitions looked for.
+#: How often the lag is measured (and so the broker's presence checked).
 PROBE_EVERY_S = 5.0
-REFRESH_PARTITIONS_S = 30.0
 OFFSETS_TIMEOUT_MS = 5000
 
 
@@ -161,24 +167,8 @@ class ExportRunner:
             self._close()
 
     def _connect(self) -> KafkaConsumer:
-        configured = self.settings.kafka_python_config(KafkaConsumer.DEFAULT_CONFIG)
-        defaults = {
-            "client_id": f"cxr-export-{self.exporter.name}",
-            "max_poll_records": MAX_POLL_RECORDS,
-            "bootstrap_timeout_ms": min(5000, 1000 * 2 ** min(self._backoff.failures, 3)),
-            "reconnect_backoff_max_ms": 10_000,
-        }
-        # Correctness over configuration: no group, no commits, never reset to the end (that would skip results).
-        forced = {"group_id": None, "enable_auto_commit": False, "auto_offset_reset": "earliest"}
-        made: list[Any] = []
-        config = {**defaults, **configured, **forced}
-        config["kafka_client"] = closing_client_factory(KafkaConsumer.DEFAULT_CONFIG["kafka_client"], made)
-        try:
-            consumer = KafkaConsumer(**config)
-        except BaseException:
-            for client in made:
-                client.close()
-            raise
+        name = f"cxr-export-{self.exporter.name}"
+        consumer = new_consumer(reader_config(self.settings, name, MAX_POLL_RECORDS, self._backoff.failures))
         try:
             self._assign(consumer, set())
             self._check_outputs(consumer)

@@ -7,13 +7,17 @@ there. These are the pure decisions they share, and the client plumbing both nee
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
+
+from streaming.settings import Settings
 
 _ERROR_CHARS = 200
+#: How often a reader looks for new partitions (its client refreshes the topics' metadata as often).
+REFRESH_PARTITIONS_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -110,13 +114,46 @@ def short_error(exc: BaseException) -> str:
     return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 1] + "…"
 
 
-def closing_client_factory(base: Callable[..., Any], made: list[Any]) -> Callable[..., Any]:
-    """kafka-python's network client, remembered: a `KafkaConsumer` whose bootstrap fails raises without
-    closing the client (and its I/O thread) it made, so each retry against a dead broker would leak one."""
+def reader_config(settings: Settings, client_id: str, max_poll_records: int, failures: int) -> dict[str, Any]:
+    """A group-less reader's client settings: our defaults under the configured ones (TLS, SASL, ...), and over
+    both what correctness needs: no group, no commits to Kafka, and a position the broker has lost resets to
+    the beginning (never to the end, which would skip what the reader has not seen; replays are de-duplicated).
 
-    def make(**config: Any) -> Any:
-        client = base(**config)
+    The first connection attempt is short enough for a stop to be heard, and longer while Kafka stays away
+    (`failures` in a row: a slow TLS/SASL handshake must still get through); a configured timeout wins."""
+    configured = settings.kafka_python_config(KafkaConsumer.DEFAULT_CONFIG)
+    defaults = {
+        "client_id": client_id,
+        "max_poll_records": max_poll_records,
+        "metadata_max_age_ms": int(REFRESH_PARTITIONS_S * 1000),
+        "bootstrap_timeout_ms": min(5000, 1000 * 2 ** min(failures, 3)),
+        "reconnect_backoff_max_ms": 10_000,
+    }
+    forced = {
+        "group_id": None,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "key_deserializer": None,
+        "value_deserializer": None,
+    }
+    return {**defaults, **configured, **forced}
+
+
+def new_consumer(config: dict[str, Any]) -> KafkaConsumer:
+    """A `KafkaConsumer` that leaks nothing when it cannot connect: kafka-python raises from a failed bootstrap
+    without closing the network client (and its I/O thread) it made, so each retry against a dead broker would
+    leak one. Every client it makes is remembered and closed on failure."""
+    made: list[Any] = []
+    base = KafkaConsumer.DEFAULT_CONFIG["kafka_client"]
+
+    def make(**client_config: Any) -> Any:
+        client = base(**client_config)
         made.append(client)
         return client
 
-    return make
+    try:
+        return KafkaConsumer(**{**config, "kafka_client": make})
+    except BaseException:
+        for client in made:
+            client.close()
+        raise

@@ -31,7 +31,14 @@ from kafka.errors import KafkaConfigurationError, KafkaError
 
 from streaming.backoff import Backoff
 from streaming.contracts import rfc3339
-from streaming.positions import closing_client_factory, plan_seeks, short_error, starts_from_now
+from streaming.positions import (
+    REFRESH_PARTITIONS_S,
+    new_consumer,
+    plan_seeks,
+    reader_config,
+    short_error,
+    starts_from_now,
+)
 from streaming.settings import Settings
 from worklist.events import (
     DeadLetter,
@@ -48,8 +55,6 @@ log = logging.getLogger("cxr.worklist.consumer")
 
 POLL_TIMEOUT_MS = 500
 MAX_POLL_RECORDS = 500
-#: New partitions of the three topics are found this often (the client refreshes its metadata as often).
-REFRESH_PARTITIONS_S = 30.0
 #: With no records for this long, a bounded request to the broker checks that it is still there (an empty
 #: poll looks the same whether the topics are quiet or the broker is gone).
 PROBE_AFTER_S = 5.0
@@ -191,15 +196,7 @@ class ResultsConsumer:
     def _connect(self, stop: threading.Event) -> KafkaConsumer | None:
         """A consumer assigned to every partition of the three topics, each at the store's offset; None when
         `stop` was set meanwhile."""
-        config = self._client_config()
-        made: list[Any] = []
-        config["kafka_client"] = closing_client_factory(KafkaConsumer.DEFAULT_CONFIG["kafka_client"], made)
-        try:
-            consumer = KafkaConsumer(**config)
-        except BaseException:
-            for client in made:
-                client.close()
-            raise
+        consumer = new_consumer(self._client_config())
         if stop.is_set():
             consumer.close()
             return None
@@ -211,28 +208,7 @@ class ResultsConsumer:
         return consumer
 
     def _client_config(self) -> dict[str, Any]:
-        """Our defaults under the configured client settings (TLS, SASL, ...), and over both what correctness
-        needs: no group, no commits to Kafka, and a position the broker has lost resets to the beginning
-        (never to the end, which would skip what the store has not seen; replays are de-duplicated)."""
-        configured = self.settings.kafka_python_config(KafkaConsumer.DEFAULT_CONFIG)
-        # A first connection attempt short enough for `stop` to be heard, longer while Kafka stays away (a
-        # slow TLS/SASL handshake must still get through); a configured timeout wins.
-        bootstrap_ms = min(5000, 1000 * 2 ** min(self._backoff.failures, 3))
-        defaults = {
-            "client_id": "cxr-worklist",
-            "max_poll_records": MAX_POLL_RECORDS,
-            "metadata_max_age_ms": int(REFRESH_PARTITIONS_S * 1000),
-            "bootstrap_timeout_ms": bootstrap_ms,
-            "reconnect_backoff_max_ms": 10_000,
-        }
-        forced = {
-            "group_id": None,
-            "enable_auto_commit": False,
-            "auto_offset_reset": "earliest",
-            "key_deserializer": None,
-            "value_deserializer": None,
-        }
-        return {**defaults, **configured, **forced}
+        return reader_config(self.settings, "cxr-worklist", MAX_POLL_RECORDS, self._backoff.failures)
 
     def _assign(self, consumer: KafkaConsumer, current: set[TopicPartition]) -> None:
         """Assign every partition of the three topics; partitions not assigned before resume where
