@@ -2,7 +2,7 @@
 
 An exporter whose destination is away looks, from outside, exactly like one with nothing to export; these say
 which: `cxr_export_retrying` is 1 while it waits to try the same result again, and `/readyz` fails when Kafka
-has not answered, or no result could be exported, for `CXR_READY_STALE_AFTER_S`.
+has not answered, or the same result has been retried, for longer than `CXR_READY_STALE_AFTER_S`.
 """
 
 from __future__ import annotations

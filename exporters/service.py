@@ -14,13 +14,18 @@ import logging
 import threading
 import time
 
+from exporters.cstore import CStoreSink
 from exporters.errors import ExportCode, ExportError
 from exporters.fhir import build_bundle, bundle_json
+from exporters.fhir_server import FhirServerSink
+from exporters.folder import FolderSink
+from exporters.http import redact_url
 from exporters.interpret import ModelRules
 from exporters.metrics import export_health
 from exporters.runner import Exporter, ExportRunner, KafkaOut
-from exporters.sinks import CStoreSink, FhirServerSink, FolderSink, SrSink, StowSink, redact_url
-from exporters.sr import build_sr, check_source, read_source, sr_bytes
+from exporters.sinks import SrSink
+from exporters.sr import build_sr, read_source, sr_bytes
+from exporters.stow import StowSink
 from streaming.errors import ErrorCode, FetchError
 from streaming.fetch import FetchPolicy, fetch
 from streaming.logs import silence_header_quoters
@@ -44,12 +49,17 @@ class FhirExporter:
     def __init__(self, out: KafkaOut, topic: str, server: FhirServerSink | None, rules: ModelRules | None) -> None:
         self.out, self.topic, self.server, self.rules = out, topic, server, rules
         self.topics: tuple[str, ...] = (topic,)
+        #: the last bundle Kafka acknowledged (while the server is away, the same result is tried again)
+        self._published: str | None = None
         self.destination = f"kafka:{topic}" + (f", {server.destination}" if server is not None else "")
 
     def export(self, result: ImageEvent) -> bool:
         bundle = build_bundle(result, self.rules)
         data = bundle_json(bundle)
-        self.out.send(self.topic, str(bundle["id"]).encode("utf-8"), data)
+        bundle_id = str(bundle["id"])
+        if bundle_id != self._published:  # a retry for the server does not publish the same bundle again
+            self.out.send(self.topic, bundle_id.encode("utf-8"), data)
+            self._published = bundle_id
         if self.server is not None:
             self.server.post(data)
         return True
@@ -76,7 +86,6 @@ class SrExporter:
             code = ExportCode.UNAVAILABLE if exc.code in _TRANSIENT_FETCH else ExportCode.SOURCE_UNREADABLE
             raise ExportError(code, f"the scored image cannot be read back ({exc.code.value}): {exc.reason}") from None
         source = read_source(data)
-        check_source(result, source)
         sr = build_sr(result, source, self.rules)
         encoded = sr_bytes(sr)
         for sink in self.sinks:

@@ -805,6 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
     stop.install()
+    from kafka.errors import KafkaConfigurationError
     from pydantic import ValidationError
 
     from exporters.service import ExportConfigError
@@ -829,6 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DeviceError,
         ExportConfigError,
         HealthPortError,
+        KafkaConfigurationError,
         JvmSetupError,
         PacsError,
         PacsSetupError,

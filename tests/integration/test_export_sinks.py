@@ -20,8 +20,10 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from exporters.cstore import CStoreSink
 from exporters.errors import ExportCode, ExportError
-from exporters.sinks import CStoreSink, SrSink, StowSink
+from exporters.sinks import SrSink
+from exporters.stow import StowSink
 from hostile_servers import MisbehavingServer, drips_body, drips_headers, never_answers
 from streaming.settings import basic_authorization
 from xray_files import PATIENT_ID, PATIENT_NAME, dicom_bytes, image_dataset

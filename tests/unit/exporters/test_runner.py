@@ -25,11 +25,12 @@ from exporters import service
 from exporters.cursor import ExportCursor
 from exporters.errors import ExportCode, ExportError
 from exporters.fhir import build_bundle, bundle_json
+from exporters.fhir_server import FhirServerSink
+from exporters.folder import FolderSink
 from exporters.interpret import ModelRules, rules_for
 from exporters.metrics import ExportMetrics
 from exporters.runner import DEAD_LETTER_SCHEMA, ExportRunner, KafkaOut, dead_letter_body
 from exporters.service import ExportConfigError, FhirExporter, SrExporter, make_exporter, sr_sinks
-from exporters.sinks import FhirServerSink, FolderSink
 from producers.state import StateError, state_file
 from streaming.backoff import Backoff
 from streaming.contracts import parse_timestamp
@@ -777,6 +778,19 @@ def test_the_fhir_exporter_posts_nothing_when_kafka_did_not_take_the_bundle(sett
         exporter.export(demo_result())
     assert caught.value.transient
     assert server.posted == []
+
+
+def test_a_retry_for_the_server_does_not_publish_the_same_bundle_again(settings: Settings) -> None:
+    out, server = RecordingOut(settings), RecordingServer(ExportError(ExportCode.UNAVAILABLE, "HTTP 503"))
+    exporter = FhirExporter(out, "cxr.fhir", server, None)
+    for _ in range(3):
+        with pytest.raises(ExportError):
+            exporter.export(demo_result())
+    server.error = None
+    assert exporter.export(demo_result()) is True
+    assert len(out.sent) == 1 and len(server.posted) == 1
+    assert exporter.export(demo_result(event_id="another")) is True
+    assert len(out.sent) == 2
 
 
 def test_the_fhir_exporter_passes_the_servers_refusal_on(settings: Settings) -> None:

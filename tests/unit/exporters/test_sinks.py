@@ -1,7 +1,7 @@
-"""The export sinks at their edge, without Orthanc or Kafka: URL redaction and checks, C-STORE targets, the FHIR
-server sink against a real `http.server` on loopback (answers, OperationOutcome, redirects, credentials) and
-against servers that misbehave on purpose (refused, silent, dripping), the STOW-RS answer rules, the C-STORE
-status rules, and the folder sink's atomic, idempotent writes.
+"""The export sinks at their edge, without Orthanc or Kafka: URL redaction and checks, the FHIR server sink
+against a real `http.server` on loopback (answers, OperationOutcome, redirects, credentials) and against servers
+that misbehave on purpose (refused, silent, dripping), the STOW-RS answer rules, and the folder sink's atomic,
+idempotent writes (the C-STORE sink's rules: test_cstore.py).
 
 Every test that waits on a server asserts how long it waited: an attempt must end within its `timeout_s`.
 """
@@ -26,22 +26,13 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from exporters import sinks
+from exporters import folder as folder_module
 from exporters.errors import ExportCode, ExportError
-from exporters.sinks import (
-    MAX_ANSWER_BYTES,
-    CStoreSink,
-    FhirServerSink,
-    FolderSink,
-    SrSink,
-    StowSink,
-    cstore_status_error,
-    fhir_outcome,
-    operation_outcome_issues,
-    parse_cstore_target,
-    redact_url,
-    stow_outcome,
-)
+from exporters.fhir_server import FhirServerSink, fhir_outcome, operation_outcome_issues
+from exporters.folder import FolderSink
+from exporters.http import MAX_ANSWER_BYTES, redact_url
+from exporters.sinks import SrSink
+from exporters.stow import StowSink, stow_outcome
 from hostile_servers import MisbehavingServer, drips_headers, never_answers
 from xray_files import PATIENT_ID, PATIENT_NAME, dicom_bytes, new_dataset
 
@@ -195,85 +186,6 @@ def test_an_authorization_value_that_no_header_can_carry_is_refused_without_quot
 def test_a_timeout_must_be_a_positive_number(timeout_s: float) -> None:
     with pytest.raises(ValueError):
         FhirServerSink("http://host/fhir", authorization=None, timeout_s=timeout_s)
-
-
-# --------------------------------------------------------------------------------------- C-STORE targets
-
-
-@pytest.mark.parametrize(
-    ("target", "parsed"),
-    [
-        ("ORTHANC@127.0.0.1:4242", ("ORTHANC", "127.0.0.1", 4242)),
-        ("PACS_1@pacs.hospital.example:104", ("PACS_1", "pacs.hospital.example", 104)),
-        ("MY AE@host:11112", ("MY AE", "host", 11112)),
-        ("A@B@host:104", ("A@B", "host", 104)),
-        ("STORESCP@[::1]:104", ("STORESCP", "::1", 104)),
-        ("SIXTEEN_CHARS_AE@h:65535", ("SIXTEEN_CHARS_AE", "h", 65535)),
-    ],
-)
-def test_parse_cstore_target(target: str, parsed: tuple[str, str, int]) -> None:
-    assert parse_cstore_target(target) == parsed
-
-
-@pytest.mark.parametrize(
-    "target",
-    [
-        "",
-        "ORTHANC",
-        "ORTHANC@host",
-        "host:104",
-        "@host:104",
-        "   @host:104",
-        "SEVENTEEN_CHARS_A@host:104",
-        "BACK\\SLASH@host:104",
-        "TAB\tAE@host:104",
-        "AE@host:0",
-        "AE@host:65536",
-        "AE@host:0104",
-        "AE@host:port",
-        "AE@host:",
-        "AE@:104",
-        "AE@::1:104",
-        "AE@[not-ipv6]:104",
-        "AE@ho st:104",
-        "AE@host/x:104",
-    ],
-)
-def test_bad_cstore_targets_are_refused(target: str) -> None:
-    with pytest.raises(ValueError):
-        parse_cstore_target(target)
-
-
-def test_cstore_sink_checks_its_titles_and_prints_its_destination() -> None:
-    sink = CStoreSink("ORTHANC@[::1]:4242", calling_ae_title="CXR_STREAM", timeout_s=TIMEOUT_S)
-    assert sink.destination == "cstore:ORTHANC@[::1]:4242"
-    assert repr(sink) == "CStoreSink('cstore:ORTHANC@[::1]:4242')"
-    with pytest.raises(ValueError):
-        CStoreSink("ORTHANC@host:4242", calling_ae_title="A_CALLING_TITLE_TOO_LONG", timeout_s=TIMEOUT_S)
-
-
-@pytest.mark.parametrize(
-    ("status", "code"),
-    [
-        (0x0000, None),
-        (0xB000, None),  # coercion of data elements: stored
-        (0xB007, None),
-        (0xB006, None),
-        (0x0001, None),
-        (0xA700, ExportCode.UNAVAILABLE),  # out of resources: it may pass
-        (0xA7FF, ExportCode.UNAVAILABLE),
-        (0xA900, ExportCode.REJECTED),  # dataset does not match SOP class
-        (0xC000, ExportCode.REJECTED),  # cannot understand
-        (0xC123, ExportCode.REJECTED),
-        (0x0122, ExportCode.REJECTED),  # SOP class not supported
-        (0x0110, ExportCode.REJECTED),  # processing failure
-    ],
-)
-def test_cstore_statuses(status: int, code: ExportCode | None) -> None:
-    error = cstore_status_error(status)
-    assert (error.code if error else None) == code
-    if error is not None:
-        assert f"0x{status:04X}" in error.reason
 
 
 # ------------------------------------------------------------------------------------------ FHIR server
@@ -473,6 +385,7 @@ UID = "1.2.826.0.1.3680043.8.498.1"
         (400, None, ExportCode.REJECTED, "HTTP 400"),
         (301, failed_sop_answer(UID, 0xC000), ExportCode.UNAVAILABLE, "redirect"),
         (401, None, ExportCode.UNAVAILABLE, "credentials"),
+        (409, failed_sop_answer(UID, 0x0111), None, "a duplicate: this report, delivered before"),
     ],
 )
 def test_stow_outcome_rules(status: int, answer: Any, code: ExportCode | None, words: str) -> None:
@@ -586,7 +499,7 @@ def test_folder_sink_full_disk_is_unavailable_without_naming_the_file(
     def full(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(sinks, "write_atomic", full)
+    monkeypatch.setattr(folder_module, "write_atomic", full)
     error, _ = failure(FolderSink(tmp_path).store, ds, data)
     assert error.code is ExportCode.UNAVAILABLE and error.transient
     assert "ENOSPC" in error.reason
