@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL_PACKAGE := pneumonia-model-package==0.3.0
 
-.PHONY: install system-deps k8s-tools validate-k8s demo test test-unit test-faults fuzz-long lint bench bench-isolation bench-worklist bench-cluster clean
+.PHONY: install system-deps k8s-tools validate-k8s demo test test-unit test-faults fuzz-long lint bench bench-isolation bench-worklist bench-cluster bench-exporters clean
 
 install: $(VENV)/.installed jvm/lib/.resolved system-deps
 
@@ -95,6 +95,10 @@ bench-worklist: install
 # Images/s per executor core: local[1], local[2] and a standalone cluster of one and two workers, side by side.
 bench-cluster: install
 	$(BIN)/python -m bench.cluster
+
+# The FHIR and SR exporters end to end, against copying the results topic with and without a wait per result.
+bench-exporters: install
+	$(BIN)/python -m bench.exporters
 
 clean:
 	rm -rf $(VENV) jvm/lib jvm/target jvm/*/target .cxr .pytest_cache .mypy_cache .ruff_cache .tools
